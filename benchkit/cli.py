@@ -1,0 +1,166 @@
+"""The `benchkit` command. Exit status: 0 ok, 1 some cell failed, 2 bad input or usage."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from benchkit.errors import BadInput
+
+EXIT_OK, EXIT_CELL_FAILED, EXIT_BAD_INPUT = 0, 1, 2
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # usage errors exit 2 with one line, as bad input does
+        self.print_usage(sys.stderr)
+        print(f"{self.prog}: error: {message}", file=sys.stderr)
+        raise SystemExit(EXIT_BAD_INPUT)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    import torch
+
+    from benchkit import provenance, report, suite as suite_mod
+    from benchkit.evaluate import build_components
+    from benchkit.executors import local
+    from benchkit.store import Store
+
+    suite = suite_mod.load_suite(args.suite)
+    out = Path(args.out or Path("runs") / suite.suite)
+    device = torch.device(args.device or suite.eval.device or "cpu")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise BadInput(f"--device cuda: no CUDA device is available on this machine")
+    if args.executor == "ray":
+        raise BadInput("--executor ray: the ray executor is not available in this version; use --executor local")
+    comps = build_components(suite, args.suite, device)
+    if args.fresh and (out / "results.sqlite").exists():
+        for suffix in ("", "-wal", "-shm"):
+            (out / f"results.sqlite{suffix}").unlink(missing_ok=True)
+    store = Store(out / "results.sqlite")
+    cells = suite_mod.expand(suite)
+    plans = local.plan(suite, cells, comps, store, args.limit)
+    suite_json = suite_mod.resolved_dict(suite)
+    suite_hash = suite_mod.stable_hash(suite_json)
+    prov = provenance.collect(device, suite_hash, suite.seed) | {
+        "cell_ids": {p.cell.key: p.cell_id for p in plans}, "limit": args.limit}
+    run_id = store.start_run(suite.suite, str(Path(args.suite).resolve()), suite_hash, suite_json, prov)
+    todo = sum(len(p.todo) for p in plans)
+    print(f"benchkit: {suite.suite}: {len(plans)} cells, {todo} shard(s) to compute "
+          f"({sum(len(p.shards) for p in plans) - todo} already stored) -> {out}", file=sys.stderr)
+    try:
+        failures = local.run(suite, plans, comps, store, run_id)
+    except KeyboardInterrupt:
+        store.finish_run(run_id, "interrupted")
+        print("benchkit: interrupted; committed shards are kept, rerun to resume", file=sys.stderr)
+        return 130
+    store.finish_run(run_id, "failed" if failures else "done")
+    data = report.collect(store, run_id)
+    print(report.table(data))
+    html = report.render_html(data, out / "leaderboard.html")
+    for f in failures:
+        print(f"benchkit: cell failed: {f}", file=sys.stderr)
+    print(f"leaderboard: {html.resolve()}")
+    return EXIT_CELL_FAILED if failures else EXIT_OK
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from benchkit.suite import load_suite
+
+    problems = []
+    for path in args.suites:
+        try:
+            s = load_suite(path)
+            print(f"{path}: ok ({len(s.cell_specs())} cells)")
+        except BadInput as exc:
+            problems.extend(exc.problems)
+    if problems:
+        raise BadInput(problems)
+    return EXIT_OK
+
+
+def cmd_ls(args: argparse.Namespace) -> int:
+    from benchkit import registry
+
+    if args.kind == "suites":
+        root = Path(args.dir)
+        for p in sorted(root.glob("*.yaml")):
+            print(p)
+        return EXIT_OK
+    kinds = [args.kind] if args.kind else list(registry.KINDS)
+    for kind in kinds:
+        print(f"{kind}:")
+        for e in registry.get(kind):
+            print(f"  {e.id:18s} {e.description}  [{e.plugin}]")
+    return EXIT_OK
+
+
+def cmd_plugins(args: argparse.Namespace) -> int:
+    from tabulate import tabulate
+
+    from benchkit.plugins import plugin_info
+
+    rows = [[p["name"], p["distribution"] or "-", p["version"] or "-", ", ".join(p["hooks"])] for p in plugin_info()]
+    print(tabulate(rows, headers=["plugin", "package", "version", "hooks"]))
+    return EXIT_OK
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from benchkit import report
+    from benchkit.store import Store
+
+    db = Path(args.dir) / "results.sqlite"
+    if not db.is_file():
+        raise BadInput(f"{args.dir}: no results.sqlite here (run `benchkit run SUITE --out {args.dir}` first)")
+    store = Store(db)
+    data = report.collect(store)
+    print(report.table(data, args.format))
+    if args.html:
+        print(f"leaderboard: {report.render_html(data, Path(args.html)).resolve()}", file=sys.stderr)
+    return EXIT_OK
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from benchkit.plugins import get_plugin_manager
+
+    parser = _Parser(prog="benchkit", description="Adversarial-robustness benchmarks around diffusion purification.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    p = sub.add_parser("run", help="run a suite (resumes from the output folder)")
+    p.add_argument("suite")
+    p.add_argument("--out", help="output folder (default runs/<suite name>)")
+    p.add_argument("--executor", choices=["local", "ray"], default="local")
+    p.add_argument("--device", choices=["cpu", "cuda"])
+    p.add_argument("--limit", type=int, help="only the first N images")
+    p.add_argument("--fresh", action="store_true", help="discard stored results in the output folder")
+    p.set_defaults(func=cmd_run)
+    p = sub.add_parser("validate", help="resolve every plugin id and params; run nothing")
+    p.add_argument("suites", nargs="+")
+    p.set_defaults(func=cmd_validate)
+    p = sub.add_parser("ls", help="list registered components or suites")
+    p.add_argument("kind", nargs="?", choices=["datasets", "classifiers", "defenses", "attacks", "score-models", "suites"])
+    p.add_argument("--dir", default="suites", help="with 'suites': the folder to list")
+    p.set_defaults(func=cmd_ls)
+    p = sub.add_parser("plugins", help="installed plugins, versions and hooks")
+    p.set_defaults(func=cmd_plugins)
+    p = sub.add_parser("report", help="print a stored run's leaderboard")
+    p.add_argument("dir")
+    p.add_argument("--html", help="also write the HTML leaderboard here")
+    p.add_argument("--format", choices=["table", "json", "csv"], default="table")
+    p.set_defaults(func=cmd_report)
+    get_plugin_manager().hook.register_commands(cli=sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    try:
+        args = build_parser().parse_args(argv)
+        return int(args.func(args) or 0)
+    except BadInput as exc:
+        for line in exc.problems:
+            print(f"benchkit: error: {line}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+
+
+if __name__ == "__main__":
+    sys.exit(main())

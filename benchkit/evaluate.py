@@ -1,0 +1,144 @@
+"""One cell shard: clean accuracy, the attack, host-side verification, re-evaluation.
+
+The attack only proposes examples. The host checks each one against the threat model (finite,
+in [0, 1], within budget, with a tiny float tolerance: never clipped) and classifies it itself,
+`repeats` times with per-image noise for stochastic defenses.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from benchkit import registry
+from benchkit.attack import Attack, AttackContext
+from benchkit.dataset import Dataset
+from benchkit.defended import DefendedModel, Purifier
+from benchkit.errors import BadInput
+from benchkit.noise import PerExampleNoise, derive_seed
+from benchkit.suite import Cell, Suite
+
+
+class CellFailure(Exception):
+    """The cell cannot produce trustworthy numbers (e.g. an example outside the threat model)."""
+
+
+@dataclass
+class Components:
+    """Everything a suite needs, built once before any cell runs (so a missing checkpoint fails
+    before anything is computed)."""
+    dataset: Dataset
+    classifiers: dict[str, nn.Module]
+    defenses: dict[str, Purifier]
+    attacks: dict[str, Attack]
+    device: torch.device
+    defense_gradients: dict[str, str | None] = field(default_factory=dict)
+
+    def defended(self, cell: Cell) -> DefendedModel:
+        purifier = self.defenses[cell.defense.id]
+        attack = self.attacks[cell.attack.id]
+        gradient = attack.gradient or self.defense_gradients.get(cell.defense.id) or default_gradient(purifier)
+        return DefendedModel(self.classifiers[cell.classifier.id], purifier, gradient=gradient)
+
+
+def default_gradient(purifier: Purifier) -> str:
+    for mode in ("exact", "adjoint", "bpda", "none"):
+        if mode in purifier.gradient_modes:
+            return mode
+    return "none"
+
+
+def _freeze(module: nn.Module, device: torch.device) -> nn.Module:
+    module.to(device).eval()
+    for p in module.parameters():
+        p.requires_grad_(False)
+    return module
+
+
+def build_components(suite: Suite, path: str, device: torch.device) -> Components:
+    problems: list[str] = []
+
+    def build(kind: str, where: str, plugin: str, params: dict):
+        try:
+            return registry.get(kind).get(plugin, where=f"{path}: {where}.plugin").build(params, f"{path}: {where}")
+        except BadInput as exc:
+            problems.extend(exc.problems)
+        except FileNotFoundError as exc:
+            problems.append(f"{path}: {where}: {exc}")
+        return None
+
+    dataset = build("datasets", "dataset", suite.dataset.plugin, suite.dataset.params)
+    classifiers = {c.id: build("classifiers", f"classifiers[{i}]", c.plugin, c.params) for i, c in enumerate(suite.classifiers)}
+    defenses = {d.id: build("defenses", f"defenses[{i}]", d.plugin, d.params) for i, d in enumerate(suite.defenses)}
+    attacks = {a.id: build("attacks", f"attacks[{i}]", a.plugin, a.params) for i, a in enumerate(suite.attacks)}
+    for i, d in enumerate(suite.defenses):
+        purifier = defenses.get(d.id)
+        if purifier is not None and d.gradient and d.gradient not in purifier.gradient_modes:
+            problems.append(f"{path}: defenses[{i}].gradient: '{d.id}' supports {', '.join(purifier.gradient_modes)}, not '{d.gradient}'")
+    if problems:
+        raise BadInput(problems)
+    return Components(dataset, {k: _freeze(v, device) for k, v in classifiers.items()},
+                      {k: _freeze(v, device) for k, v in defenses.items()}, attacks, device,
+                      {d.id: d.gradient for d in suite.defenses})
+
+
+def _classify(model: DefendedModel, x: Tensor, y: Tensor, seeds: list[int], batch_size: int) -> Tensor:
+    out = []
+    for s in range(0, x.shape[0], batch_size):
+        noise = PerExampleNoise(seeds[s:s + batch_size])
+        with torch.inference_mode():
+            out.append(model.predict(x[s:s + batch_size], noise=noise) == y[s:s + batch_size])
+    return torch.cat(out).cpu()
+
+
+def _flags(columns: list[Tensor]) -> list[str]:
+    m = torch.stack(columns, 1)
+    return ["".join("1" if v else "0" for v in row) for row in m.tolist()]
+
+
+@dataclass
+class ShardResult:
+    rows: list[tuple]
+    stats: dict
+    seconds: float
+
+
+def evaluate_shard(suite: Suite, cell: Cell, comps: Components, indices: Sequence[int],
+                   repeats: int | None = None) -> ShardResult:
+    """Evaluate the images at `indices` for one cell. Raises CellFailure on an invalid example."""
+    t0 = time.perf_counter()
+    device, bs = comps.device, suite.eval.batch_size
+    x, y = comps.dataset.get(indices)
+    x, y = x.to(device), y.to(device)
+    model = comps.defended(cell)
+    reps = (repeats or suite.eval.repeats) if model.stochastic else 1
+    group = f"{cell.classifier.id}/{cell.defense.id}"
+    # Clean verdicts depend on (classifier, defense, image) only: identical across attacks.
+    clean = [_classify(model, x, y, [derive_seed(suite.seed, group, i, "clean", r) for i in indices], bs)
+             for r in range(reps)]
+    clean_flags = _flags(clean)
+    attack = comps.attacks[cell.attack.id]
+    ctx = AttackContext(device=device, seed=derive_seed(suite.seed, cell.key, indices[0]),
+                        undefended=comps.classifiers[cell.classifier.id], batch_size=bs)
+    rows, stats = [], {}
+    for variant, sub in attack.variants():
+        torch.manual_seed(derive_seed(suite.seed, cell.key, variant, indices[0]))
+        attacked = model if sub.gradient is None else model.with_gradient(sub.gradient)
+        result = sub.run(attacked, x, y, ctx)
+        x_adv = result.x_adv.detach().to(device)
+        problems = sub.threat.violations(x, x_adv, result.extra)
+        if problems:
+            name = f"{cell.attack.id}{':' + variant if variant else ''}"
+            raise CellFailure(f"attack {name} returned invalid examples for images "
+                              f"{indices[0]}..{indices[-1]}: {'; '.join(problems)}")
+        distance = sub.threat.distance(x, x_adv, result.extra).cpu().tolist()
+        adv = [_classify(model, x_adv, y, [derive_seed(suite.seed, cell.key, variant, i, "adv", r) for i in indices], bs)
+               for r in range(reps)]
+        adv_flags = _flags(adv)
+        for i, idx in enumerate(indices):
+            rows.append((int(idx), variant, int(y[i]), clean_flags[i], adv_flags[i], float(distance[i])))
+        stats.update({f"{variant}.{k}" if variant else k: v for k, v in result.stats.items()})
+    return ShardResult(rows, stats, time.perf_counter() - t0)

@@ -1,0 +1,85 @@
+"""Run every cell and shard in this process, committing each shard as it completes."""
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass
+
+import torch
+
+from benchkit import checks
+from benchkit.evaluate import CellFailure, Components, evaluate_shard
+from benchkit.store import Store
+from benchkit.suite import Cell, Suite
+
+
+@dataclass
+class Plan:
+    cell: Cell
+    cell_id: int
+    shards: list[list[int]]
+    todo: list[int]
+
+
+class Progress:
+    """A one-line progress bar on stderr (no dependency; quiet when stderr is not a terminal
+    except for one line per shard)."""
+
+    def __init__(self, total: int, stream=sys.stderr):
+        self.total, self.done, self.stream, self.t0 = total, 0, stream, time.time()
+        self.tty = stream.isatty()
+
+    def update(self, n: int, label: str) -> None:
+        self.done += n
+        frac = self.done / max(1, self.total)
+        bar = "#" * int(30 * frac) + "-" * (30 - int(30 * frac))
+        line = f"[{bar}] {self.done}/{self.total} images  {time.time() - self.t0:6.1f}s  {label}"
+        self.stream.write(("\r" + line.ljust(110)) if self.tty else line + "\n")
+        self.stream.flush()
+
+    def close(self) -> None:
+        if self.tty:
+            self.stream.write("\n")
+
+
+def shard_indices(n: int, size: int) -> list[list[int]]:
+    return [list(range(s, min(n, s + size))) for s in range(0, n, size)]
+
+
+def plan(suite: Suite, cells: list[Cell], comps: Components, store: Store, limit: int | None) -> list[Plan]:
+    n = len(comps.dataset) if limit is None else min(limit, len(comps.dataset))
+    shards = shard_indices(n, suite.eval.shard_size or suite.eval.batch_size)
+    plans = []
+    for cell in cells:
+        attack = comps.attacks[cell.attack.id]
+        config = cell.config(suite) | {"n_images": n}
+        from benchkit.suite import stable_hash
+        cell_id = store.ensure_cell(cell.key, stable_hash(config), cell.classifier.id, cell.defense.id,
+                                    cell.attack.id, config, [v for v, _ in attack.variants()], n, len(shards),
+                                    suite.eval.repeats)
+        done = store.committed_shards(cell_id)
+        plans.append(Plan(cell, cell_id, shards, [i for i in range(len(shards)) if i not in done]))
+    return plans
+
+
+def run(suite: Suite, plans: list[Plan], comps: Components, store: Store, run_id: int) -> list[str]:
+    """Returns the failure messages (empty when every cell succeeded)."""
+    failures: list[str] = []
+    progress = Progress(sum(len(p.shards[i]) for p in plans for i in p.todo))
+    for p in plans:
+        failed = False
+        for i in p.todo:
+            try:
+                res = evaluate_shard(suite, p.cell, comps, p.shards[i])
+            except CellFailure as exc:
+                msg = f"{p.cell.key}: {exc}"
+                store.record_failure(p.cell_id, run_id, i, str(exc))
+                failures.append(msg)
+                failed = True
+                break
+            store.commit_shard(p.cell_id, i, run_id, p.shards[i][0], res.rows, res.seconds, res.stats)
+            progress.update(len(p.shards[i]), p.cell.key)
+        if not failed and (p.todo or not store.checks(p.cell_id)):
+            store.save_checks(p.cell_id, run_id, checks.run_checks(suite, p.cell, p.cell_id, comps, store))
+    progress.close()
+    return failures

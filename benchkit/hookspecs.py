@@ -1,0 +1,70 @@
+"""Every hook benchkit calls. Plugins implement them with `@benchkit.hookimpl`.
+
+Registration hooks receive a `register` callback (the llm / tox style): the host builds the
+registries, plugins never touch global state. Every hook here must be documented and tested
+(tests/test_hooks.py enforces both).
+"""
+from __future__ import annotations
+
+import pluggy
+
+hookspec = pluggy.HookspecMarker("benchkit")
+hookimpl = pluggy.HookimplMarker("benchkit")
+
+
+@hookspec
+def register_datasets(register):
+    """Register datasets: ``register(id, factory, params=Model, description=...)``.
+
+    ``factory(params)`` returns a ``benchkit.registry.Dataset`` (images in [0, 1], NCHW, labels).
+    """
+
+
+@hookspec
+def register_classifiers(register):
+    """Register classifiers: ``register(id, factory, params=Model, description=...)``.
+
+    ``factory(params)`` returns an ``nn.Module`` from [0, 1] images to logits (it normalises
+    its own inputs). Loading must be offline and safe (see ``benchkit.assets``).
+    """
+
+
+@hookspec
+def register_defenses(register):
+    """Register defenses (purifiers): ``register(id, factory, params=Model, description=...)``.
+
+    ``factory(params)`` returns a ``benchkit.defended.Purifier``.
+    """
+
+
+@hookspec
+def register_attacks(register):
+    """Register attacks: ``register(id, factory, params=Model, description=...)``.
+
+    ``factory(params)`` returns a ``benchkit.attack.Attack``.
+    """
+
+
+@hookspec
+def register_score_models(register):
+    """Register diffusion score models: ``register(id, factory, params=Model, description=...)``.
+
+    ``factory(params)`` returns a score model (``benchkit_diffpure.score.ScoreModel``) that
+    defenses such as DiffPure look up by id.
+    """
+
+
+@hookspec
+def register_commands(cli):
+    """Add CLI verbs: ``cli`` is the ``argparse`` sub-parsers object of the ``benchkit`` command.
+
+    Add a parser with ``cli.add_parser(name, help=...)`` and set ``func`` with
+    ``parser.set_defaults(func=callable)``; the callable receives the parsed namespace and
+    returns an exit status.
+    """
+
+
+@hookspec
+def prepare_jinja2_environment(env):
+    """Customise the Jinja2 environment of the HTML reports (add filters or globals) before any
+    template is rendered."""

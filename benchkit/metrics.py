@@ -1,0 +1,71 @@
+"""Accuracy summaries from per-image, per-repeat correctness flags.
+
+For a stochastic defense each final example is classified `repeats` times with fresh randomness:
+  expected  mean (± std over repeats) of the per-repeat accuracy
+  worst     worst-of-N: correct in every repeat
+  majority  correct in more than half of the repeats
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Accuracy:
+    n: int
+    repeats: int
+    mean: float
+    std: float
+    worst: float
+    majority: float
+
+    def as_dict(self) -> dict:
+        return {"n": self.n, "repeats": self.repeats, "mean": self.mean, "std": self.std,
+                "worst": self.worst, "majority": self.majority}
+
+
+def flags_matrix(flags: list[str]) -> np.ndarray:
+    """['101', '111'] -> bool array [n_images, repeats]."""
+    if not flags:
+        return np.zeros((0, 0), dtype=bool)
+    return np.array([[c == "1" for c in f] for f in flags], dtype=bool)
+
+
+def accuracy(m: np.ndarray) -> Accuracy:
+    """m: bool [n_images, repeats], in percent."""
+    n, r = m.shape
+    if n == 0:
+        return Accuracy(0, r, float("nan"), float("nan"), float("nan"), float("nan"))
+    per_repeat = m.mean(0) * 100
+    return Accuracy(n, r, float(per_repeat.mean()), float(per_repeat.std(ddof=1)) if r > 1 else 0.0,
+                    float(m.all(1).mean() * 100), float((m.sum(1) * 2 > r).mean() * 100))
+
+
+def worst_case(mats: list[np.ndarray]) -> np.ndarray:
+    """Per image and repeat, robust only if robust against every attack (variant) listed."""
+    out = mats[0].copy()
+    for m in mats[1:]:
+        out &= m
+    return out
+
+
+def summarise(rows: list) -> dict:
+    """Clean and robust accuracy of one cell from its stored example rows.
+
+    robust is the per-image worst case over the attack's variants (e.g. AutoAttack standard and
+    rand); per_variant keeps each variant's own numbers.
+    """
+    by_variant: dict[str, dict[int, str]] = {}
+    clean: dict[int, str] = {}
+    for r in rows:
+        by_variant.setdefault(r["variant"], {})[r["image_index"]] = r["adv_flags"]
+        clean[r["image_index"]] = r["clean_flags"]
+    images = sorted(clean)
+    variants = sorted(by_variant)
+    mats = {v: flags_matrix([by_variant[v][i] for i in images]) for v in variants}
+    out = {"n": len(images), "clean": accuracy(flags_matrix([clean[i] for i in images])),
+           "per_variant": {v: accuracy(m) for v, m in mats.items()}}
+    out["robust"] = accuracy(worst_case(list(mats.values()))) if mats else None
+    return out

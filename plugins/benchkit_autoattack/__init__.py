@@ -1,0 +1,1 @@
+"""AutoAttack (Croce & Hein 2020) through the pyautoattack package: versions standard and rand."""

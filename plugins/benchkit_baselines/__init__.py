@@ -1,0 +1,1 @@
+"""Baselines: no defense, adversarially trained classifiers, VAE / GAN purifiers."""
