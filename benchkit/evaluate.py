@@ -63,11 +63,15 @@ def build_components(suite: Suite, path: str, device: torch.device) -> Component
 
     def build(kind: str, where: str, plugin: str, params: dict):
         try:
-            return registry.get(kind).get(plugin, where=f"{path}: {where}.plugin").build(params, f"{path}: {where}")
+            entry = registry.get(kind).get(plugin, where=f"{path}: {where}.plugin")
+            validated = entry.validate(params, f"{path}: {where}")
         except BadInput as exc:
             problems.extend(exc.problems)
-        except FileNotFoundError as exc:
-            problems.append(f"{path}: {where}: {exc}")
+            return None
+        try:
+            return entry.build(validated)
+        except (BadInput, FileNotFoundError) as exc:  # e.g. a missing checkpoint: say which entry needs it
+            problems.extend(f"{path}: {where}: {p}" for p in getattr(exc, "problems", [str(exc)]))
         return None
 
     dataset = build("datasets", "dataset", suite.dataset.plugin, suite.dataset.params)

@@ -25,7 +25,8 @@ class Progress:
     """A one-line progress bar on stderr (no dependency; quiet when stderr is not a terminal
     except for one line per shard)."""
 
-    def __init__(self, total: int, stream=sys.stderr):
+    def __init__(self, total: int, stream=None):
+        stream = stream or sys.stderr
         self.total, self.done, self.stream, self.t0 = total, 0, stream, time.time()
         self.tty = stream.isatty()
 

@@ -1,0 +1,78 @@
+"""Checkpoints and data files: located under BENCHKIT_HOME, verified by sha256, loaded safely.
+
+Nothing is downloaded at run time. A missing file is a MissingAsset error naming the expected
+path, where the file is published and (when known) its size or sha256.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from benchkit.errors import MissingAsset
+
+
+def home() -> Path:
+    """BENCHKIT_HOME, default ~/.cache/benchkit."""
+    return Path(os.environ.get("BENCHKIT_HOME") or Path.home() / ".cache" / "benchkit").expanduser()
+
+
+@dataclass(frozen=True)
+class Asset:
+    relpath: str          # under BENCHKIT_HOME
+    source: str           # where a user gets it
+    sha256: str | None = None
+    size: int | None = None
+
+    @property
+    def path(self) -> Path:
+        return home() / self.relpath
+
+    def describe(self) -> str:
+        facts = [f"sha256 {self.sha256}" if self.sha256 else "", f"{self.size:,} bytes" if self.size else ""]
+        extra = ", ".join(f for f in facts if f)
+        return f"{self.path} (from {self.source}{'; ' + extra if extra else ''})"
+
+    def require(self, path: str | Path | None = None) -> Path:
+        """The file's path (an explicit `path` overrides the default location); checked."""
+        p = Path(path).expanduser() if path else self.path
+        if not p.exists():
+            raise MissingAsset(f"missing file {p}: get it from {self.source}"
+                               + (f" (sha256 {self.sha256})" if self.sha256 else "")
+                               + ("" if path else " and place it there, or set BENCHKIT_HOME"))
+        if self.sha256 and p.is_file():
+            verify_sha256(p, self.sha256)
+        return p
+
+
+def sha256_file(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def verify_sha256(path: str | Path, expected: str) -> None:
+    actual = sha256_file(path)
+    if actual != expected:
+        raise MissingAsset(f"{path}: sha256 mismatch (expected {expected}, got {actual}); the file is corrupt or not the published one")
+
+
+def load_state_dict(path: str | Path, sha256: str | None = None) -> dict[str, torch.Tensor]:
+    """A state dict from safetensors or a torch file, never executing pickled code."""
+    path = Path(path)
+    if not path.is_file():
+        raise MissingAsset(f"missing file {path}")
+    if sha256:
+        verify_sha256(path, sha256)
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+        return load_file(str(path))
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # truncated files and pickles with code both land here
+        raise MissingAsset(f"{path}: cannot be loaded safely ({type(exc).__name__}: {str(exc).splitlines()[0]})") from None

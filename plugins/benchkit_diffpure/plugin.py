@@ -1,0 +1,2 @@
+"""Registers DiffPure and its score models."""
+from __future__ import annotations

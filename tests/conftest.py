@@ -1,0 +1,31 @@
+"""Shared fixtures: a fresh plugin manager per test and paths to ../shared reference data."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared"
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+@pytest.fixture
+def plugin_manager(monkeypatch):
+    """The host's plugin manager, rebuilt for this test; plugins registered on it are forgotten after."""
+    from benchkit import plugins
+
+    monkeypatch.delenv("BENCHKIT_LOAD_PLUGINS", raising=False)
+    monkeypatch.delenv("BENCHKIT_DISABLE_PLUGINS", raising=False)
+    plugins.reset_plugin_manager()
+    yield plugins.get_plugin_manager()
+    plugins.reset_plugin_manager()
+
+
+def write(path: Path, text: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return path

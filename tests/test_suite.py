@@ -1,0 +1,107 @@
+"""Suite loading: includes with deep merge, strict schema, plugin params, all problems at once."""
+from __future__ import annotations
+
+import pytest
+
+from benchkit.cli import main
+from benchkit.errors import BadInput
+from benchkit.suite import deep_merge, expand, load_suite
+from conftest import ROOT, write
+
+BASE = """
+dataset: {plugin: digits, params: {split: test, n: 8}}
+classifiers: [{id: cnn, plugin: digits-cnn}]
+eval: {batch_size: 8, repeats: 2}
+"""
+
+
+def suite_text(extra: str = "", attack: str = "{id: aa, plugin: autoattack, params: {eps: 8/255}}") -> str:
+    return f"""
+suite: t
+include: [base.yaml]
+defenses: [{{id: none, plugin: identity}}]
+attacks: [{attack}]
+grid: all
+{extra}
+"""
+
+
+def test_deep_merge_merges_mappings_and_replaces_lists():
+    assert deep_merge({"a": {"b": 1, "c": [1]}, "d": 1}, {"a": {"c": [2], "e": 3}}) == {"a": {"b": 1, "c": [2], "e": 3}, "d": 1}
+
+
+def test_include_deep_merges_and_file_wins(tmp_path, plugin_manager):
+    write(tmp_path / "base.yaml", BASE)
+    p = write(tmp_path / "s.yaml", suite_text("eval: {repeats: 5}"))
+    s = load_suite(p)
+    assert s.eval.repeats == 5 and s.eval.batch_size == 8  # merged, not replaced
+    assert s.dataset.params == {"split": "test", "n": 8}
+    assert [c.key for c in expand(s)] == ["cnn/none/aa"]
+    assert s.attacks[0].params["eps"] == "8/255"
+
+
+def test_include_cycle_is_reported(tmp_path):
+    write(tmp_path / "a.yaml", "include: [b.yaml]\n")
+    write(tmp_path / "b.yaml", "include: [a.yaml]\n")
+    with pytest.raises(BadInput, match="include cycle"):
+        load_suite(tmp_path / "a.yaml")
+
+
+def test_malformed_yaml_names_file_and_line(tmp_path):
+    p = write(tmp_path / "bad.yaml", "suite: x\ndataset: {plugin: digits\n")
+    with pytest.raises(BadInput) as exc:
+        load_suite(p)
+    (line,) = exc.value.problems
+    assert str(p) in line and "line" in line and "malformed YAML" in line
+
+
+def test_every_problem_reported_at_once(tmp_path, plugin_manager):
+    write(tmp_path / "base.yaml", BASE)
+    p = write(tmp_path / "s.yaml", suite_text(
+        "colour: red", attack="{id: aa, plugin: autoatack, params: {eps: 0.1}}").replace(
+        "plugin: identity}", "plugin: identity, params: {strength: 2}}"))
+    with pytest.raises(BadInput) as exc:
+        load_suite(p)
+    assert exc.value.problems == [f"{p}: colour: unknown key"]  # schema first
+    p = write(tmp_path / "s.yaml", suite_text(attack="{id: aa, plugin: autoatack, params: {eps: 0.1}}").replace(
+        "plugin: identity}", "plugin: identity, params: {strength: 2}}"))
+    with pytest.raises(BadInput) as exc:
+        load_suite(p)
+    problems = exc.value.problems
+    assert any("defenses[0].params.strength: unknown parameter for defense 'identity'" in l for l in problems)
+    assert any("attacks[0].plugin: unknown attack plugin 'autoatack'; did you mean 'autoattack'?" in l for l in problems)
+    assert all(l.startswith(str(p)) for l in problems)
+
+
+def test_wrong_param_types(tmp_path, plugin_manager):
+    write(tmp_path / "base.yaml", BASE)
+    p = write(tmp_path / "s.yaml", suite_text(attack="{id: aa, plugin: autoattack, params: {eps: eight, versions: [strong]}}"))
+    with pytest.raises(BadInput) as exc:
+        load_suite(p)
+    text = "\n".join(exc.value.problems)
+    assert "attacks[0].params.eps: Value error, expected a number or a fraction like '8/255', got 'eight'" in text
+    assert "attacks[0].params.versions.0:" in text
+
+
+def test_cells_must_reference_defined_ids(tmp_path, plugin_manager):
+    write(tmp_path / "base.yaml", BASE)
+    p = write(tmp_path / "s.yaml", suite_text().replace("grid: all", "cells: [{classifier: cnn, defense: nope, attack: aa}]"))
+    with pytest.raises(BadInput, match=r"cells\[0\].defense: unknown id 'nope'"):
+        load_suite(p)
+
+
+def test_cli_validate_exit_2_one_line_per_problem(tmp_path, plugin_manager, capsys):
+    write(tmp_path / "base.yaml", BASE)
+    bad = write(tmp_path / "s.yaml", suite_text("seed: zero"))
+    good = ROOT / "suites" / "digits_quick.yaml"
+    assert main(["validate", str(good), str(bad)]) == 2
+    out, err = capsys.readouterr()
+    assert "digits_quick.yaml: ok" in out
+    assert err.strip().splitlines() == [f"benchkit: error: {bad}: seed: Input should be a valid integer, unable to parse string as an integer"]
+    assert "Traceback" not in err
+
+
+def test_every_shipped_suite_validates(plugin_manager, capsys):
+    suites = sorted(str(p) for p in (ROOT / "suites").glob("*.yaml"))
+    assert suites
+    assert main(["validate", *suites]) == 0
