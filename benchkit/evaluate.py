@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import torch
 from torch import Tensor, nn
 
 from benchkit import registry
-from benchkit.attack import Attack, AttackContext
+from benchkit.attack import Attack, AttackContext, AttackResult
 from benchkit.dataset import Dataset
 from benchkit.defended import DefendedModel, Purifier
 from benchkit.errors import BadInput
@@ -103,6 +103,33 @@ def _flags(columns: list[Tensor]) -> list[str]:
     return ["".join("1" if v else "0" for v in row) for row in m.tolist()]
 
 
+def run_attack(model: DefendedModel, attack: Attack, x: Tensor, y: Tensor, ctx: AttackContext,
+               seed_parts: tuple) -> Iterator[tuple[str, Attack, Tensor, "AttackResult"]]:
+    """Run every variant of an attack, seeding the global RNG per variant, and verify each
+    returned batch against the threat model; yields (variant, sub-attack, x_adv, result)."""
+    for variant, sub in attack.variants():
+        torch.manual_seed(derive_seed(*seed_parts, variant, ctx.seed))
+        attacked = model if sub.gradient is None else model.with_gradient(sub.gradient)
+        result = sub.run(attacked, x, y, ctx)
+        x_adv = result.x_adv.detach().to(x.device)
+        problems = sub.threat.violations(x, x_adv, result.extra)
+        if problems:
+            raise CellFailure(f"{'variant ' + variant + ' ' if variant else ''}returned invalid examples: {'; '.join(problems)}")
+        yield variant, sub, x_adv, result
+
+
+def robust_accuracy(model: DefendedModel, attack: Attack, x: Tensor, y: Tensor, ctx: AttackContext,
+                    seed_parts: tuple, repeats: int = 1) -> float:
+    """Per-image worst case over the attack's variants, mean over `repeats` re-evaluations, in %."""
+    robust = torch.ones(x.shape[0], dtype=torch.bool)
+    for variant, _, x_adv, _ in run_attack(model, attack, x, y, ctx, seed_parts):
+        reps = repeats if model.stochastic else 1
+        hits = torch.stack([_classify(model, x_adv, y, [derive_seed(*seed_parts, variant, i, r) for i in range(x.shape[0])],
+                                      x.shape[0]) for r in range(reps)]).float().mean(0)
+        robust &= hits > 0.5
+    return float(robust.float().mean() * 100)
+
+
 @dataclass
 class ShardResult:
     rows: list[tuple]
@@ -125,19 +152,10 @@ def evaluate_shard(suite: Suite, cell: Cell, comps: Components, indices: Sequenc
              for r in range(reps)]
     clean_flags = _flags(clean)
     attack = comps.attacks[cell.attack.id]
-    ctx = AttackContext(device=device, seed=derive_seed(suite.seed, cell.key, indices[0]),
+    ctx = AttackContext(device=device, seed=derive_seed(suite.seed, cell.key, indices[0]) % 2**31,
                         undefended=comps.classifiers[cell.classifier.id], batch_size=bs)
     rows, stats = [], {}
-    for variant, sub in attack.variants():
-        torch.manual_seed(derive_seed(suite.seed, cell.key, variant, indices[0]))
-        attacked = model if sub.gradient is None else model.with_gradient(sub.gradient)
-        result = sub.run(attacked, x, y, ctx)
-        x_adv = result.x_adv.detach().to(device)
-        problems = sub.threat.violations(x, x_adv, result.extra)
-        if problems:
-            name = f"{cell.attack.id}{':' + variant if variant else ''}"
-            raise CellFailure(f"attack {name} returned invalid examples for images "
-                              f"{indices[0]}..{indices[-1]}: {'; '.join(problems)}")
+    for variant, sub, x_adv, result in run_attack(model, attack, x, y, ctx, (suite.seed, cell.key)):
         distance = sub.threat.distance(x, x_adv, result.extra).cpu().tolist()
         adv = [_classify(model, x_adv, y, [derive_seed(suite.seed, cell.key, variant, i, "adv", r) for i in indices], bs)
                for r in range(reps)]

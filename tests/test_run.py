@@ -175,7 +175,7 @@ def test_invalid_examples_fail_the_cell_loudly_and_keep_the_rest(tmp_path, local
     s = write(tmp_path / "s.yaml", text)
     assert main(["run", str(s), "--out", str(tmp_path / "o")]) == 1
     out, err = capsys.readouterr()
-    assert f"cell failed: near/none/bad: attack bad returned invalid examples for images 0..7: " in err
+    assert "cell failed: near/none/bad: attack bad on images 0..7: returned invalid examples: " in err
     assert message in err and "FAILED" in out
     rows = examples(tmp_path / "o")
     assert {k for k, *_ in rows} == {"near/none/fgsm", "near/jitter/fgsm"}   # good cells kept, bad stored nothing

@@ -73,6 +73,7 @@ def run(suite: Suite, plans: list[Plan], comps: Components, store: Store, run_id
             try:
                 res = evaluate_shard(suite, p.cell, comps, p.shards[i])
             except CellFailure as exc:
+                exc = f"attack {p.cell.attack.id} on images {p.shards[i][0]}..{p.shards[i][-1]}: {exc}"
                 msg = f"{p.cell.key}: {exc}"
                 store.record_failure(p.cell_id, run_id, i, str(exc))
                 failures.append(msg)

@@ -1,2 +1,164 @@
-"""Registers DiffPure and its score models."""
+"""Registers DiffPure and its score models.
+
+Official checkpoints are looked up under BENCHKIT_HOME (never downloaded); each factory builds
+the architecture from our own code and loads the published weights without key renaming.
+"""
 from __future__ import annotations
+
+from typing import Any, Literal
+
+import torch
+from pydantic import Field, field_validator, model_validator
+
+from benchkit import registry
+from benchkit.assets import Asset, load_state_dict
+from benchkit.defended import Purifier
+from benchkit.errors import BadInput
+from benchkit.hookspecs import hookimpl
+from benchkit.noise import Noise
+from benchkit.params import Params
+
+# Published checkpoints and the configurations DiffPure uses with them.
+DDPMPP_ASSET = Asset("diffpure/score_sde/checkpoint_8.pth",
+                     "score_sde_pytorch's release, vp/cifar10_ddpmpp_deep_continuous/checkpoints/checkpoint_8.pth "
+                     "(https://github.com/yang-song/score_sde_pytorch)")
+ADM_ASSET = Asset("diffpure/guided_diffusion/256x256_diffusion_uncond.pt",
+                  "https://openaipublic.blob.core.windows.net/diffusion/jul-2021/256x256_diffusion_uncond.pt",
+                  size=2_211_383_297)
+CELEBAHQ_ASSET = Asset("diffpure/sdedit/celeba_hq.ckpt",
+                       "https://image-editing-test-12345.s3-us-west-2.amazonaws.com/checkpoints/celeba_hq.ckpt "
+                       "(SDEdit, https://github.com/ermongroup/SDEdit)")
+
+DDPMPP_CONFIG = {"data": {"image_size": 32, "num_channels": 3, "centered": True},
+                 "model": {"name": "ncsnpp", "nf": 128, "ch_mult": [1, 2, 2, 2], "num_res_blocks": 8,
+                           "attn_resolutions": [16], "resamp_with_conv": True, "conditional": True, "fir": False,
+                           "fir_kernel": [1, 3, 3, 1], "skip_rescale": True, "resblock_type": "biggan",
+                           "progressive": "none", "progressive_input": "none", "progressive_combine": "sum",
+                           "attention_type": "ddpm", "init_scale": 0.0, "embedding_type": "positional",
+                           "fourier_scale": 16, "conv_size": 3, "dropout": 0.1, "normalization": "GroupNorm",
+                           "nonlinearity": "swish", "scale_by_sigma": False, "sigma_min": 0.01, "sigma_max": 50,
+                           "num_scales": 1000, "beta_min": 0.1, "beta_max": 20.0}}
+ADM_CONFIG = {"image_size": 256, "num_channels": 256, "num_res_blocks": 2, "num_heads": 4, "num_heads_upsample": -1,
+              "num_head_channels": 64, "attention_resolutions": "32,16,8", "channel_mult": "", "dropout": 0.0,
+              "class_cond": False, "use_checkpoint": False, "use_scale_shift_norm": True, "resblock_updown": True,
+              "use_fp16": False, "use_new_attention_order": False, "learn_sigma": True}
+CELEBAHQ_CONFIG = {"data": {"image_size": 256, "channels": 3},
+                   "model": {"type": "simple", "in_channels": 3, "out_ch": 3, "ch": 128, "ch_mult": [1, 1, 2, 2, 4, 4],
+                             "num_res_blocks": 2, "attn_resolutions": [16], "dropout": 0.0, "resamp_with_conv": True},
+                   "diffusion": {"num_diffusion_timesteps": 1000}}
+
+
+class CheckpointParams(Params):
+    path: str | None = Field(None, description="checkpoint file (default: the expected path under BENCHKIT_HOME)")
+    config: dict[str, Any] | None = Field(None, description="architecture config overriding the published one")
+
+
+def ddpmpp(p: CheckpointParams):
+    from benchkit_diffpure.architectures.ncsnpp import NCSNpp, load_score_sde_checkpoint
+    from benchkit_diffpure.score import ContinuousTimeScore
+
+    path = DDPMPP_ASSET.require(p.path)
+    net = NCSNpp.from_config(p.config or DDPMPP_CONFIG)
+    load_score_sde_checkpoint(net, path)
+    return ContinuousTimeScore(net)
+
+
+def adm(p: CheckpointParams):
+    from benchkit_diffpure.architectures.guided_unet import GuidedUNet
+    from benchkit_diffpure.score import DiscreteTimeScore
+
+    path = ADM_ASSET.require(p.path)
+    net = GuidedUNet.from_config(p.config or ADM_CONFIG)
+    net.load_state_dict(load_state_dict(path))
+    return DiscreteTimeScore(net, eps_channels=3)
+
+
+def ddpm(p: CheckpointParams):
+    from benchkit_diffpure.architectures.ddpm_unet import DDPMUNet
+    from benchkit_diffpure.score import DiscreteTimeScore
+
+    path = CELEBAHQ_ASSET.require(p.path)
+    net = DDPMUNet.from_config(p.config or CELEBAHQ_CONFIG)
+    state = load_state_dict(path)
+    # SDEdit's celeba_hq.ckpt is a bare state dict; some copies are wrapped in a list or DataParallel.
+    if isinstance(state, (list, tuple)):
+        state = state[0]
+    state = {k.removeprefix("module."): v for k, v in state.items()}
+    net.load_state_dict(state)
+    return DiscreteTimeScore(net, eps_channels=3)
+
+
+def digits_unet(p: Params):
+    from benchkit_zoo.catalog import load_zoo_model
+    from benchkit_diffpure.score import ContinuousTimeScore
+
+    return ContinuousTimeScore(load_zoo_model("digits-unet"))
+
+
+class DiffPureParams(Params):
+    score_model: str = Field(description="id of a registered score model (benchkit ls score-models)")
+    score_params: dict[str, Any] = Field(default_factory=dict)
+    sampler: Literal["vp-sde", "vp-ode", "ld-sde"] = "vp-sde"
+    t_star: float = Field(0.1, gt=0, le=1, description="diffusion time t*")
+    t_delta: float = Field(0.0, ge=0, description="randomised t* ~ U[t* - delta, t* + delta] (paper Table 13)")
+    dt: float = Field(1e-3, gt=0, le=0.1, description="solver step (t* = 0.1 -> 100 score evaluations)")
+    ld_sigma2: float = Field(100.0, gt=0)
+    ld_lambda: float = Field(0.1, gt=0)
+    ld_eta: float = Field(1.0, ge=0)
+    image_size: int | None = Field(None, ge=8, description="resize inputs to this size for the score model and back "
+                                                             "(ImageNet 224 -> ADM 256)")
+
+    @field_validator("score_model")
+    @classmethod
+    def _known(cls, v: str) -> str:
+        try:
+            registry.get("score-models").get(v)
+        except BadInput as exc:  # pydantic reports ValueErrors with the key's location
+            raise ValueError(exc.problems[0]) from None
+        return v
+
+    @model_validator(mode="after")
+    def _window(self):
+        if not self.t_delta < self.t_star or self.t_star + self.t_delta > 1:
+            raise ValueError(f"need 0 <= t_delta < t_star and t_star + t_delta <= 1 (t_star={self.t_star}, t_delta={self.t_delta})")
+        return self
+
+
+class Resized(Purifier):
+    """Purify at the score model's resolution: bilinear resize in, purify, resize back."""
+
+    def __init__(self, inner: Purifier, size: int):
+        super().__init__()
+        self.inner, self.size = inner, size
+        self.stochastic, self.gradient_modes = inner.stochastic, inner.gradient_modes
+
+    def _purify(self, x, *, gradient: str, noise: Noise):
+        resize = lambda im, s: torch.nn.functional.interpolate(im, size=(s, s), mode="bilinear", align_corners=False, antialias=False)
+        out = self.inner._purify(resize(x, self.size), gradient=gradient, noise=noise)
+        return resize(out, x.shape[-1]).clamp(0, 1)
+
+
+def diffpure(p: DiffPureParams) -> Purifier:
+    from benchkit_diffpure.purifier import DiffPure
+
+    score = registry.get("score-models").get(p.score_model).build(p.score_params)
+    purifier = DiffPure(score, sampler=p.sampler, t_star=p.t_star, t_delta=p.t_delta, dt=p.dt,
+                        ld_sigma2=p.ld_sigma2, ld_lambda=p.ld_lambda, ld_eta=p.ld_eta)
+    return Resized(purifier, p.image_size) if p.image_size else purifier
+
+
+@hookimpl
+def register_score_models(register):
+    register("ddpmpp", ddpmpp, params=CheckpointParams,
+             description="score_sde NCSN++ (DDPM++ deep, continuous VP), CIFAR-10 32x32: checkpoint_8.pth")
+    register("adm", adm, params=CheckpointParams,
+             description="guided-diffusion 256x256 unconditional ImageNet (learned sigma), discrete steps")
+    register("ddpm", ddpm, params=CheckpointParams,
+             description="SDEdit's CelebA-HQ 256x256 DDPM U-Net, discrete steps")
+    register("digits-unet", digits_unet, description="small score U-Net trained on the digits train split (shipped)")
+
+
+@hookimpl
+def register_defenses(register):
+    register("diffpure", diffpure, params=DiffPureParams,
+             description="DiffPure (Nie et al. 2022): forward diffusion to t*, reverse VP-SDE / VP-ODE / LD-SDE")

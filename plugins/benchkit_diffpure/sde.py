@@ -77,3 +77,18 @@ def probability_flow_drift(x: Tensor, t: Tensor, score: Tensor, beta_t: Tensor) 
 def langevin_drift(x: Tensor, x_a: Tensor, score0: Tensor, lam: float, sigma2: float) -> Tensor:
     """Eq. 26: dx = -(lambda/2)(-s(x, 0) + (x - x_a)/sigma^2) dt + eta sqrt(lambda) dw."""
     return -0.5 * lam * (-score0 + (x - x_a) / sigma2)
+
+
+def reverse_sde_diffusion(beta_t: Tensor) -> Tensor:
+    """Eq. 4-5: the reverse SDE's diffusion coefficient sqrt(beta(t))."""
+    return torch.sqrt(beta_t)
+
+
+# Eq. 26 needs s(x, 0), but std(0) = 0 makes eps/std singular there: the reference code
+# (runners/diffpure_ldsde.py) evaluates the score at t = 1e-2 instead; so do we.
+LD_SCORE_TIME = 1e-2
+
+
+def langevin_diffusion(lam: float, eta: float) -> float:
+    """Eq. 26: the Langevin SDE's diffusion coefficient eta sqrt(lambda)."""
+    return eta * lam**0.5

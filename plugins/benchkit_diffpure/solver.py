@@ -1,0 +1,235 @@
+"""Fixed-step reverse-time integration for DiffPure: Euler(-Maruyama) from t* down to 0.
+
+Samplers (drifts in sde.py):
+  vp-sde  reverse VP-SDE (Eq. 4-5), Euler-Maruyama
+  vp-ode  probability-flow ODE (Eq. 28), Euler, deterministic
+  ld-sde  Langevin dynamics (Eq. 26) on s(x, LD_SCORE_TIME), attracted to the input x_a, started from x_a.
+          Horizon t* as in the reference (runners/diffpure_ldsde.py integrates t' over [1 - t*, 1 - 1e-5]);
+          the reference steps it with dt = 1e-2 (10 steps for t* = 0.1), we use the common `dt`.
+
+Time. Image i runs N steps on its own grid t_i(s) = t*_i (1 - s/N), s = 0..N (step h_i = t*_i/N), so a
+batch with per-image t* runs in lockstep, one network call per step for the whole batch. The integrand
+is written per unit of s, a step is x <- x + F(s, x) + G(s) z_s with z_s ~ N(0, I), and torchsde sees the
+increasing time s in [0, N] with dt = 1: integer times (exact float arithmetic, no accumulated steps).
+This is the reference's t' = 1 - t re-parameterisation normalised per image (s/N = 1 - t/t*).
+N is chosen by the caller (DiffPure: round((t_bar + delta)/dt), independent of the batch).
+
+Gradients:
+  none     no_grad loop, noise drawn step by step
+  exact    one autograd.Function over the whole solve that saves only the N input states (and the
+           pre-drawn increments) and recomputes each step's network call in backward
+  autograd plain autograd through the unrolled loop (reference for tests; memory grows with activations)
+  adjoint  torchsde.sdeint_adjoint (method and adjoint_method euler, dt 1 in s-units) with a Brownian
+           motion that replays the same pre-drawn increments, so forward values equal the exact mode's
+Increments are drawn through `noise` in the same order in every mode ([B, ...] per step), so the path is
+the same whatever the gradient mode, and PerExampleNoise keeps each image's path its own.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torchsde
+from torch import Tensor
+
+from benchkit.noise import GLOBAL_NOISE, Noise
+from benchkit_diffpure import sde
+from benchkit_diffpure.score import ScoreModel
+
+SAMPLERS = ("vp-sde", "vp-ode", "ld-sde")
+SOLVER_GRADIENTS = ("none", "exact", "autograd", "adjoint")
+# Smallest time at which the score is evaluated: torchsde's adjoint evaluates the drift at the right end of
+# each step, i.e. at t = 0 where std(0) = 0; the reference stops at t = 1e-5 for the same reason.
+T_EPS = 1e-5
+
+
+class ReverseField:
+    """Drift F and diffusion G of one sampler per unit of the step index s (see module docstring)."""
+
+    def __init__(self, model: ScoreModel, sampler: str, t_star: Tensor, n_steps: int, x_a: Tensor | None = None,
+                 ld_sigma2: float = 100.0, ld_lambda: float = 0.1, ld_eta: float = 1.0):
+        if sampler not in SAMPLERS:
+            raise ValueError(f"unknown sampler {sampler!r}; expected one of {SAMPLERS}")
+        if sampler == "ld-sde" and x_a is None:
+            raise ValueError("ld-sde needs the input x_a it is attracted to")
+        self.model, self.sampler, self.t_star, self.n = model, sampler, t_star, n_steps
+        self.x_a, self.sigma2, self.lam, self.eta = x_a, ld_sigma2, ld_lambda, ld_eta
+        self.h = t_star / n_steps  # per-image step in t
+
+    @staticmethod
+    def _col(v: Tensor, x: Tensor) -> Tensor:
+        return v.view(-1, *([1] * (x.dim() - 1)))
+
+    def time(self, s: Tensor | float) -> Tensor:
+        """Forward time t_i(s) = t*_i (1 - s/N) per image, kept >= T_EPS."""
+        return (self.t_star * (1.0 - s / self.n)).clamp_min(T_EPS)
+
+    def drift(self, s: Tensor | float, x: Tensor, x_a: Tensor | None = None) -> Tensor:
+        h = self._col(self.h, x)
+        if self.sampler == "ld-sde":
+            x_a = (self.x_a if x_a is None else x_a).view_as(x)
+            t0 = torch.full_like(self.t_star, sde.LD_SCORE_TIME)
+            return h * sde.langevin_drift(x, x_a, self.model.score(x, t0), self.lam, self.sigma2)
+        t = self.time(s)
+        beta_t = self._col(sde.beta(t), x)
+        score = self.model.score(x, t)
+        # dt < 0 in forward time: x(t - h) = x(t) - f(x, t) h.
+        if self.sampler == "vp-sde":
+            return -h * sde.reverse_sde_drift(x, t, score, beta_t)
+        return -h * sde.probability_flow_drift(x, t, score, beta_t)
+
+    def diffusion(self, s: Tensor | float, x: Tensor) -> Tensor | None:
+        """G with sqrt(h) folded in ([B, 1, ...]), or None for the ODE."""
+        h = self._col(self.h, x)
+        if self.sampler == "vp-ode":
+            return None
+        if self.sampler == "ld-sde":
+            return sde.langevin_diffusion(self.lam, self.eta) * h.sqrt()
+        return sde.reverse_sde_diffusion(self._col(sde.beta(self.time(s)), x) * h)
+
+    def step(self, k: int, x: Tensor, z: Tensor | None, x_a: Tensor | None = None) -> Tensor:
+        """One Euler(-Maruyama) step from s = k to k + 1."""
+        x_next = x + self.drift(float(k), x, x_a)
+        g = self.diffusion(float(k), x)
+        return x_next if g is None or z is None else x_next + g * z
+
+
+class _CheckpointedEuler(torch.autograd.Function):
+    """The whole solve as one node: saves the N input states, recomputes each step in backward."""
+
+    @staticmethod
+    def forward(ctx, field: ReverseField, zs: Tensor | None, x: Tensor, x_a: Tensor | None) -> Tensor:
+        states = [x]
+        for k in range(field.n):
+            states.append(field.step(k, states[-1], None if zs is None else zs[k], x_a))
+        ctx.field = field
+        ctx.save_for_backward(zs, x_a, *states[:-1])
+        return states[-1]
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: Tensor):
+        field = ctx.field
+        zs, x_a, *states = ctx.saved_tensors
+        need_xa = x_a is not None and ctx.needs_input_grad[3]
+        xa_leaf = x_a.detach().requires_grad_(need_xa) if x_a is not None else None
+        grad_xa = torch.zeros_like(x_a) if need_xa else None
+        for k in range(field.n - 1, -1, -1):
+            xk = states[k].detach().requires_grad_(True)
+            with torch.enable_grad():
+                out = field.step(k, xk, None if zs is None else zs[k], xa_leaf)
+            grads = torch.autograd.grad(out, (xk, xa_leaf) if need_xa else (xk,), grad)
+            grad = grads[0]
+            if need_xa:
+                grad_xa = grad_xa + grads[1]
+        return None, None, grad, grad_xa
+
+
+class _ReplayBrownian(torchsde.BaseBrownian):
+    """Brownian motion on the integer grid s = 0..N whose unit increments are the pre-drawn z_k.
+
+    torchsde's Euler (forward solve, and the adjoint's backward solve through ReverseBrownian) only asks
+    for whole steps [k, k+1], so the adjoint samples exactly the path of the other gradient modes."""
+
+    __slots__ = ("zs", "_shape", "_dtype", "_device")
+
+    def __init__(self, zs: Tensor | None, shape: tuple[int, int], dtype: torch.dtype, device: torch.device):
+        self.zs, self._shape, self._dtype, self._device = zs, shape, dtype, device
+
+    def __call__(self, ta, tb=None, return_U=False, return_A=False):
+        if return_U or return_A:
+            raise ValueError("only Euler is supported: no space-time Levy area")
+        ta, tb = (0.0, float(ta)) if tb is None else (float(ta), float(tb))
+        i, j = round(ta), round(tb)
+        if abs(ta - i) > 1e-4 or abs(tb - j) > 1e-4:
+            raise ValueError(f"query [{ta}, {tb}] is off the integer step grid")
+        if self.zs is None or i == j:
+            return torch.zeros(self._shape, dtype=self._dtype, device=self._device)
+        return self.zs[i] if j == i + 1 else self.zs[i:j].sum(0)
+
+    def __repr__(self):
+        return f"{type(self).__name__}(steps={None if self.zs is None else len(self.zs)}, shape={self._shape})"
+
+    dtype = property(lambda self: self._dtype)
+    device = property(lambda self: self._device)
+    shape = property(lambda self: self._shape)
+    levy_area_approximation = property(lambda self: "none")
+
+
+class _TorchsdeSDE(torch.nn.Module):
+    """ReverseField on flat [B, D] states for torchsde (diagonal Ito noise, as the reference)."""
+
+    noise_type = "diagonal"
+    sde_type = "ito"
+
+    def __init__(self, field: ReverseField, shape: torch.Size):
+        super().__init__()
+        self.field, self.shape = field, shape
+
+    def f(self, s: Tensor, y: Tensor) -> Tensor:
+        return self.field.drift(s, y.view(self.shape)).flatten(1)
+
+    def g(self, s: Tensor, y: Tensor) -> Tensor:
+        g = self.field.diffusion(s, y.view(self.shape))
+        return torch.zeros_like(y) if g is None else g.expand(self.shape).flatten(1)
+
+
+def _adjoint(field: ReverseField, zs: Tensor | None, x: Tensor) -> Tensor:
+    shape = x.shape
+    sde_ = _TorchsdeSDE(field, shape)
+    bm = _ReplayBrownian(None if zs is None else zs.flatten(2), (shape[0], shape[1:].numel()), x.dtype, x.device)
+    ts = torch.tensor([0.0, float(field.n)], dtype=x.dtype, device=x.device)
+    # Gradients w.r.t. the input only: no network parameter is integrated; for LD also the attraction
+    # target x_a (which the reference's default adjoint_params = sde.parameters() leaves out).
+    params = (field.x_a,) if field.x_a is not None and field.x_a.requires_grad else ()
+    ys = torchsde.sdeint_adjoint(sde_, x.flatten(1), ts, bm=bm, method="euler", adjoint_method="euler",
+                                 dt=1.0, adjoint_params=params)
+    return ys[-1].view(shape)
+
+
+def integrate(model: ScoreModel, x: Tensor, t_star: Tensor | float, *, sampler: str = "vp-sde",
+              n_steps: int | None = None, dt: float = 1e-3, gradient: str = "none", noise: Noise | None = None,
+              x_a: Tensor | None = None, ld_sigma2: float = 100.0, ld_lambda: float = 0.1, ld_eta: float = 1.0,
+              snapshots: Sequence[int] = ()) -> Tensor | tuple[Tensor, list[Tensor]]:
+    """Integrate from x = x(t*) (centred, [-1, 1] convention) back to t = 0.
+
+    t_star: scalar or one value per image; n_steps defaults to round(max t*/dt) (pass it explicitly when
+    t* varies per image, or the result of one image depends on the others' t*). For ld-sde, x_a defaults
+    to x. snapshots (gradient "none" only): also return the states after those step counts (0..N).
+    """
+    if gradient not in SOLVER_GRADIENTS:
+        raise ValueError(f"unknown gradient {gradient!r}; expected one of {SOLVER_GRADIENTS}")
+    noise = noise or GLOBAL_NOISE
+    t_star = torch.as_tensor(t_star, dtype=x.dtype, device=x.device).expand(x.shape[0]).contiguous()
+    n = n_steps if n_steps is not None else max(1, round(float(t_star.max()) / dt))
+    if sampler == "ld-sde" and x_a is None:
+        x_a = x
+    field = ReverseField(model, sampler, t_star, n, x_a if sampler == "ld-sde" else None,
+                         ld_sigma2, ld_lambda, ld_eta)
+    stochastic = sampler != "vp-ode"
+
+    def draw() -> Tensor:
+        return noise.randn(tuple(x.shape), device=x.device, dtype=x.dtype)
+
+    if gradient == "none":
+        kept: dict[int, Tensor] = {}
+        with torch.no_grad():
+            for k in range(n):
+                kept[k] = x if k in snapshots else None
+                x = field.step(k, x, draw() if stochastic else None)
+        kept[n] = x
+        return (x, [kept[k] for k in snapshots]) if snapshots else x
+    if snapshots:
+        raise ValueError("snapshots are only available with gradient='none'")
+    zs = None
+    if stochastic:  # drawn up front (same order as above) so that backward replays the sampled path
+        zs = x.new_empty((n, *x.shape))
+        for k in range(n):
+            zs[k] = draw()
+    if gradient == "exact":
+        return _CheckpointedEuler.apply(field, zs, x, field.x_a)
+    if gradient == "adjoint":
+        return _adjoint(field, zs, x)
+    for k in range(n):  # "autograd": plain backpropagation through the unrolled loop
+        x = field.step(k, x, None if zs is None else zs[k])
+    return x
