@@ -30,7 +30,8 @@ class ContinuousTimeScore(ScoreModel):
 
     def __init__(self, net: nn.Module, label_scale: float = 999.0):
         super().__init__()
-        self.net, self.label_scale = net, label_scale
+        # Frozen and in eval mode from the start: dropout off, no parameter gradients ever.
+        self.net, self.label_scale = net.eval().requires_grad_(False), label_scale
 
     def eps(self, x: Tensor, t: Tensor) -> Tensor:
         # float32 labels, not rounded: the network was trained on fractional labels.
@@ -47,7 +48,7 @@ class DiscreteTimeScore(ScoreModel):
 
     def __init__(self, net: nn.Module, eps_channels: int = 3, steps: int = sde.DISCRETE_STEPS):
         super().__init__()
-        self.net, self.eps_channels, self.steps = net, eps_channels, steps
+        self.net, self.eps_channels, self.steps = net.eval().requires_grad_(False), eps_channels, steps
 
     def eps(self, x: Tensor, t: Tensor) -> Tensor:
         timesteps = torch.floor(t.float() * self.steps).long().clamp(0, self.steps - 1)
