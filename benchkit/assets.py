@@ -76,3 +76,30 @@ def load_state_dict(path: str | Path, sha256: str | None = None) -> dict[str, to
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # truncated files and pickles with code both land here
         raise MissingAsset(f"{path}: cannot be loaded safely ({type(exc).__name__}: {str(exc).splitlines()[0]})") from None
+
+
+def suite_assets(suite, path: str) -> list[tuple[str, Asset, Path]]:
+    """(where in the suite, asset, resolved path) for every file the suite's components declare."""
+    from benchkit import registry
+
+    out = []
+    comps = [("datasets", "dataset", suite.dataset)]
+    comps += [(k, f"{k}[{i}]", c) for k in ("classifiers", "defenses", "attacks") for i, c in enumerate(getattr(suite, k))]
+    for kind, where, comp in comps:
+        entry = registry.get(kind).get(comp.plugin)
+        if entry.assets is None:
+            continue
+        params = entry.validate(comp.params, f"{path}: {where}")
+        for asset, explicit in entry.assets(params):
+            out.append((f"{path}: {where}", asset, Path(explicit).expanduser() if explicit else asset.path))
+    return out
+
+
+def checklist(items: list[tuple[str, Asset, Path]]) -> list[str]:
+    lines = []
+    for where, asset, p in items:
+        mark = "ok     " if p.exists() else "MISSING"
+        facts = "; ".join(f for f in (f"sha256 {asset.sha256}" if asset.sha256 else "",
+                                      f"{asset.size:,} bytes" if asset.size else "") if f)
+        lines.append(f"[{mark}] {p}  <- {asset.source}{'  (' + facts + ')' if facts else ''}  [{where}]")
+    return lines

@@ -27,6 +27,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from benchkit.store import Store
 
     suite = suite_mod.load_suite(args.suite)
+    _require_assets(suite, args.suite)
     out = Path(args.out or Path("runs") / suite.suite)
     device = torch.device(args.device or suite.eval.device or "cpu")
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -62,6 +63,29 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"benchkit: cell failed: {f}", file=sys.stderr)
     print(f"leaderboard: {html.resolve()}")
     return EXIT_CELL_FAILED if failures else EXIT_OK
+
+
+def _require_assets(suite, path: str) -> None:
+    """Every declared file present before anything runs; else the checklist of missing ones."""
+    from benchkit.assets import checklist, suite_assets
+
+    missing = [item for item in suite_assets(suite, path) if not item[2].exists()]
+    if missing:
+        raise BadInput([f"{len(missing)} asset(s) missing; nothing was run (set BENCHKIT_HOME or the params' path):"]
+                       + checklist(missing))
+
+
+def cmd_assets(args: argparse.Namespace) -> int:
+    from benchkit.assets import checklist, suite_assets
+    from benchkit.suite import load_suite
+
+    missing = 0
+    for path in args.suites:
+        items = suite_assets(load_suite(path), path)
+        for line in checklist(items) or [f"{path}: no files needed beyond the installed packages"]:
+            print(line)
+        missing += sum(not p.exists() for _, _, p in items)
+    return EXIT_BAD_INPUT if missing else EXIT_OK
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
@@ -136,6 +160,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("validate", help="resolve every plugin id and params; run nothing")
     p.add_argument("suites", nargs="+")
     p.set_defaults(func=cmd_validate)
+    p = sub.add_parser("assets", help="checklist of the checkpoints and data files suites need")
+    p.add_argument("suites", nargs="+")
+    p.set_defaults(func=cmd_assets)
     p = sub.add_parser("ls", help="list registered components or suites")
     p.add_argument("kind", nargs="?", choices=["datasets", "classifiers", "defenses", "attacks", "score-models", "suites"])
     p.add_argument("--dir", default="suites", help="with 'suites': the folder to list")

@@ -1,7 +1,10 @@
 """Every hook benchkit calls. Plugins implement them with `@benchkit.hookimpl`.
 
 Registration hooks receive a `register` callback (the llm / tox style): the host builds the
-registries, plugins never touch global state. Every hook here must be documented and tested
+registries, plugins never touch global state. ``register(id, factory, params=Model,
+description=..., assets=fn)``: ``params`` is a pydantic model validating the suite's params,
+``assets(params)`` optionally lists the ``benchkit.assets.Asset`` files the component needs, so a
+run can check them all before it starts. Every hook here must be documented and tested
 (tests/test_hooks.py enforces both).
 """
 from __future__ import annotations

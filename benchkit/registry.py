@@ -30,6 +30,8 @@ class Entry:
     params: type[BaseModel]
     description: str
     plugin: str
+    # Files the component needs for given params (benchkit.assets.Asset list), checked before a run.
+    assets: Callable[[Any], list] | None = None
 
     def validate(self, params: dict | None, where: str) -> BaseModel:
         """Params checked by the plugin's own model; problems raised as 'where.params.key: msg'."""
@@ -59,11 +61,11 @@ class Registry:
         self.entries: dict[str, Entry] = {}
 
     def add(self, id: str, factory: Callable, *, params: type[BaseModel] = NoParams,
-            description: str = "", plugin: str = "?") -> None:
+            description: str = "", plugin: str = "?", assets: Callable[[Any], list] | None = None) -> None:
         if id in self.entries:
             other = self.entries[id].plugin
             raise ValueError(f"{self.kind[:-1]} id '{id}' registered twice (by {other} and {plugin})")
-        self.entries[id] = Entry(self.kind, id, factory, params, description, plugin)
+        self.entries[id] = Entry(self.kind, id, factory, params, description, plugin, assets)
 
     def get(self, id: str, where: str = "") -> Entry:
         if id in self.entries:
@@ -95,8 +97,9 @@ def _collect() -> dict[str, Registry]:
             plugin_name = impl.plugin_name
 
             def register(id: str, factory: Callable, params: type[BaseModel] = NoParams,
-                         description: str = "", _reg=reg, _name=plugin_name) -> None:
-                _reg.add(id, factory, params=params, description=description, plugin=_name)
+                         description: str = "", assets: Callable[[Any], list] | None = None,
+                         _reg=reg, _name=plugin_name) -> None:
+                _reg.add(id, factory, params=params, description=description, plugin=_name, assets=assets)
 
             try:
                 impl.function(register=register)

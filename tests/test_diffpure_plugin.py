@@ -101,3 +101,28 @@ def test_gradient_agreement_reports_cosines():
     assert set(cos) == {"exact", "adjoint"}
     assert cos["exact"] == pytest.approx(1.0, abs=1e-5)   # same computation, checkpointed
     assert 0.9 < cos["adjoint"] <= 1.0 + 1e-6              # a different discretisation of the backward
+
+
+def test_run_checks_assets_first_and_assets_prints_checklist(tmp_path, monkeypatch, plugin_manager, capsys):
+    from benchkit.cli import main
+    from conftest import write
+
+    monkeypatch.setenv("BENCHKIT_HOME", str(tmp_path / "home"))
+    suite = write(tmp_path / "s.yaml", """
+suite: x
+dataset: {plugin: digits, params: {n: 4}}
+classifiers: [{id: c, plugin: digits-cnn}]
+defenses: [{id: d, plugin: diffpure, params: {score_model: ddpmpp}}, {id: e, plugin: diffpure, params: {score_model: adm}}]
+attacks: [{id: aa, plugin: autoattack}]
+""")
+    assert main(["run", str(suite), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert err[0] == "benchkit: error: 2 asset(s) missing; nothing was run (set BENCHKIT_HOME or the params' path):"
+    assert f"[MISSING] {tmp_path}/home/diffpure/score_sde/checkpoint_8.pth  <- score_sde_pytorch" in err[1]
+    assert "256x256_diffusion_uncond.pt" in err[2] and "2,211,383,297 bytes" in err[2] and "defenses[1]" in err[2]
+    assert not (tmp_path / "o").exists()
+    ckpt = tmp_path / "home" / "diffpure" / "score_sde" / "checkpoint_8.pth"
+    write(ckpt, "x")
+    assert main(["assets", str(suite)]) == 2
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith(f"[ok     ] {ckpt}") and out[1].startswith("[MISSING]")

@@ -147,18 +147,27 @@ def diffpure(p: DiffPureParams) -> Purifier:
     return Resized(purifier, p.image_size) if p.image_size else purifier
 
 
+def _needs(asset: Asset):
+    return lambda p: [(asset, p.path)]
+
+
+def diffpure_assets(p: DiffPureParams) -> list:
+    entry = registry.get("score-models").get(p.score_model)
+    return entry.assets(entry.validate(p.score_params, "score_params")) if entry.assets else []
+
+
 @hookimpl
 def register_score_models(register):
-    register("ddpmpp", ddpmpp, params=CheckpointParams,
+    register("ddpmpp", ddpmpp, params=CheckpointParams, assets=_needs(DDPMPP_ASSET),
              description="score_sde NCSN++ (DDPM++ deep, continuous VP), CIFAR-10 32x32: checkpoint_8.pth")
-    register("adm", adm, params=CheckpointParams,
+    register("adm", adm, params=CheckpointParams, assets=_needs(ADM_ASSET),
              description="guided-diffusion 256x256 unconditional ImageNet (learned sigma), discrete steps")
-    register("ddpm", ddpm, params=CheckpointParams,
+    register("ddpm", ddpm, params=CheckpointParams, assets=_needs(CELEBAHQ_ASSET),
              description="SDEdit's CelebA-HQ 256x256 DDPM U-Net, discrete steps")
     register("digits-unet", digits_unet, description="small score U-Net trained on the digits train split (shipped)")
 
 
 @hookimpl
 def register_defenses(register):
-    register("diffpure", diffpure, params=DiffPureParams,
+    register("diffpure", diffpure, params=DiffPureParams, assets=diffpure_assets,
              description="DiffPure (Nie et al. 2022): forward diffusion to t*, reverse VP-SDE / VP-ODE / LD-SDE")
