@@ -88,8 +88,10 @@ def _attack_ctx(ctx: dict, tag: str) -> AttackContext:
 def attack_undefended(suite, cell, comps, **ctx) -> CheckResult:
     """The attack must break the undefended classifier on the same images (<= 1%)."""
     ctx = dict(ctx, suite=suite, cell=cell, comps=comps)
-    x, y = _subset(ctx)
     attack = comps.attacks[cell.attack.id]
+    if not getattr(attack, "attacks_classifier", True):
+        return CheckResult("attack-undefended", "skipped", "the attack targets the purifier alone, not the classifier")
+    x, y = _subset(ctx)
     model = DefendedModel(comps.classifiers[cell.classifier.id], Identity())
     acc = robust_accuracy(model, attack, x, y, _attack_ctx(ctx, "undefended"), (suite.seed, cell.key, "undefended"))
     nums = {"undefended_robust": acc, "n": int(x.shape[0])}

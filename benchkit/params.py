@@ -1,31 +1,32 @@
 """Reusable pydantic types for plugin params."""
 from __future__ import annotations
 
+import math
 from fractions import Fraction
 from typing import Annotated
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
+from pydantic_core import PydanticCustomError
 
 
-def _budget(v: object) -> float:
-    """Accept 0.03, "0.03" or "8/255" (the field's usual notation); reject anything else."""
-    if isinstance(v, bool):
-        raise ValueError("expected a number or a fraction like '8/255'")
-    if isinstance(v, (int, float)):
-        value = float(v)
-    elif isinstance(v, str):
+def parse_budget(value: object) -> float:
+    """A budget as a float: numbers as they are, strings like "8/255" or "0.5" exactly as written,
+    so suites state budgets the way papers do without rounding them by hand."""
+    if isinstance(value, bool):  # bool is an int subclass; True is never a meaningful budget
+        raise PydanticCustomError("budget", "expected a number or a fraction like '8/255', not a boolean")
+    if isinstance(value, str):
         try:
-            value = float(Fraction(v.replace(" ", "")))
+            value = float(Fraction(value.replace(" ", "")))
         except (ValueError, ZeroDivisionError):
-            raise ValueError(f"expected a number or a fraction like '8/255', got {v!r}") from None
-    else:
-        raise ValueError(f"expected a number or a fraction like '8/255', got {type(v).__name__}")
-    if not value >= 0:
-        raise ValueError("must be >= 0")
-    return value
+            raise PydanticCustomError("budget", "expected a number or a fraction like '8/255', got {value}",
+                                      {"value": repr(value)}) from None
+    if isinstance(value, (int, float)) and not math.isfinite(float(value)):
+        raise PydanticCustomError("budget", "budget must be finite")
+    return value  # type: ignore[return-value]  # pydantic checks the float type and the bound next
 
 
-Budget = Annotated[float, BeforeValidator(_budget)]
+# A non-negative finite float that also accepts "a/b" strings.
+Budget = Annotated[float, BeforeValidator(parse_budget), Field(ge=0)]
 
 
 class Params(BaseModel):

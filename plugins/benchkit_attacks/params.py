@@ -1,0 +1,42 @@
+"""Pydantic building blocks shared by the attack params models."""
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+from pydantic_core import PydanticCustomError
+
+from benchkit.params import Budget, Params
+
+
+Norm = Literal["Linf", "L2"]
+LossName = Literal["ce", "cw", "dlr"]
+GradientMode = Literal["exact", "adjoint"]
+
+
+
+
+
+class NormBudget(Params):
+    """norm + eps, where the 8/255 default only makes sense for Linf: an L2 attack must say eps."""
+
+    norm: Norm = "Linf"
+    eps: Budget = 8 / 255
+
+    @model_validator(mode="after")
+    def _l2_needs_eps(self) -> "NormBudget":
+        if self.norm == "L2" and "eps" not in self.model_fields_set:
+            raise PydanticCustomError("missing_eps", "eps is required for norm L2 (the default 8/255 is a Linf budget)")
+        return self
+
+
+class PGDSchedule(NormBudget):
+    steps: int = Field(200, ge=1)
+    # None: eps / 4 (2/255 at the 8/255 default, the BPDA+EOT reference step; ~Lee & Kim's 0.007).
+    step_size: Budget | None = None
+    eot: int = Field(20, ge=1)
+    restarts: int = Field(1, ge=1)
+    random_start: bool = True
+
+    def resolved_step(self) -> float:
+        return self.step_size if self.step_size is not None else self.eps / 4

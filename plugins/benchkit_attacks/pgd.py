@@ -1,0 +1,154 @@
+"""PGD with EOT: the loop every gradient attack of this plugin shares (pgd-eot, bpda-eot,
+diffusion-mse).
+
+`pgd` maximises an `Objective` (x_adv -> per-image loss and its gradient); the objectives here
+draw their EOT samples through `DefendedModel.loss_and_grad`, so samples run as large batches.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from pydantic import Field
+from torch import Tensor
+
+from benchkit.attack import Attack, AttackContext, AttackResult
+from benchkit.defended import DefendedModel
+from benchkit.threat import L2, Linf, ThreatModel, make_threat
+
+from benchkit_attacks.losses import LOSSES
+from benchkit_attacks.params import GradientMode, LossName, PGDSchedule
+
+Objective = Callable[[Tensor], tuple[Tensor, Tensor]]
+# callback(step, x_adv, loss, grad) after every gradient evaluation (adaptive attacks, logging).
+Callback = Callable[[int, Tensor, Tensor, Tensor], None]
+
+
+def _per_image(v: Tensor, x: Tensor) -> Tensor:
+    return v.view(-1, *([1] * (x.dim() - 1)))
+
+
+def random_start(threat: ThreatModel, x: Tensor) -> Tensor:
+    """A uniform point of the Linf ball, or a random direction at a uniform radius of the L2 ball."""
+    if isinstance(threat, Linf):
+        delta = (torch.rand_like(x) * 2 - 1) * threat.eps
+    elif isinstance(threat, L2):
+        d = torch.randn_like(x)
+        d = d / _per_image(d.flatten(1).norm(dim=1).clamp_min(1e-12), x)
+        delta = d * _per_image(torch.rand(x.shape[0], device=x.device, dtype=x.dtype) * threat.eps, x)
+    else:
+        raise TypeError(f"no random start for threat model {threat.name}")
+    return threat.project(x, x + delta)
+
+
+def ascent_direction(threat: ThreatModel, g: Tensor) -> Tensor:
+    """The steepest-ascent unit step of the norm: sign for Linf, the normalised gradient for L2."""
+    if isinstance(threat, Linf):
+        return g.sign()
+    norm = g.flatten(1).norm(dim=1).clamp_min(1e-12)
+    return g / _per_image(norm, g)
+
+
+@dataclass
+class PGDOutput:
+    x_adv: Tensor
+    loss: Tensor
+    stats: dict[str, float] = field(default_factory=dict)
+
+
+class GradStats:
+    """zero_grad_frac: images whose gradient at the first evaluation is exactly zero (gradient
+    masking, e.g. a quantiser); nonfinite_grad_frac: images with a NaN/inf gradient at any step."""
+
+    def __init__(self, batch: int, device: torch.device):
+        self.zero: Tensor | None = None
+        self.nonfinite = torch.zeros(batch, dtype=torch.bool, device=device)
+
+    def update(self, g: Tensor) -> Tensor:
+        """Records g and returns it with non-finite entries zeroed so the iterate stays finite."""
+        flat = g.flatten(1)
+        bad = ~torch.isfinite(flat).all(1)
+        self.nonfinite |= bad
+        if self.zero is None:
+            self.zero = (flat == 0).all(1) & ~bad
+        return torch.nan_to_num(g, nan=0.0, posinf=0.0, neginf=0.0)
+
+    def as_dict(self) -> dict[str, float]:
+        zero = self.zero if self.zero is not None else self.nonfinite
+        return {"zero_grad_frac": float(zero.float().mean()),
+                "nonfinite_grad_frac": float(self.nonfinite.float().mean())}
+
+
+def pgd(objective: Objective, x: Tensor, threat: ThreatModel, *, steps: int, step_size: float,
+        restarts: int = 1, random_init: bool = True, callback: Callback | None = None) -> PGDOutput:
+    """Projected gradient ascent keeping, per image, the iterate with the highest objective over all
+    steps and restarts (for a stochastic defense: the best EOT-averaged loss)."""
+    x = x.detach()
+    best_x, best_loss = x.clone(), torch.full((x.shape[0],), float("-inf"), device=x.device)
+    stats = GradStats(x.shape[0], x.device)
+    for _ in range(restarts):
+        x_adv = random_start(threat, x) if random_init else x.clone()
+        # steps + 1 evaluations: the last one scores the final iterate.
+        for t in range(steps + 1):
+            loss, g = objective(x_adv)
+            loss, g = loss.detach(), stats.update(g.detach())
+            if callback is not None:
+                callback(t, x_adv, loss, g)
+            better = torch.isfinite(loss) & (loss > best_loss)
+            best_x[better], best_loss[better] = x_adv[better], loss[better]
+            if t < steps:
+                x_adv = threat.project(x, x_adv + step_size * ascent_direction(threat, g)).detach()
+    return PGDOutput(threat.project(x, best_x), best_loss, stats.as_dict())
+
+
+class GradientAttack(Attack):
+    """Base of attacks that differentiate through the defended model."""
+
+    callback: Callback | None = None
+
+    def view(self, model: DefendedModel) -> DefendedModel:
+        # The host should already pass the model in self.gradient; re-viewing keeps the attack honest
+        # when it does not (transfer clears self.gradient to use its surrogate as it is).
+        if self.gradient is None or model.gradient == self.gradient:
+            return model
+        return model.with_gradient(self.gradient)
+
+
+class BPDAParams(PGDSchedule):
+    """BPDA+EOT (Athalye et al. 2018; Hill et al. 2021 protocol)."""
+
+    steps: int = Field(50, ge=1)
+    eot: int = Field(15, ge=1)
+    loss: LossName = "ce"
+
+
+class PGDParams(PGDSchedule):
+    """PGD-EOT with full gradients (Lee & Kim, ICCV 2023: 200 steps, 20 EOT samples)."""
+
+    loss: LossName = "ce"
+    gradient: GradientMode = "exact"
+
+
+class PGDEOT(GradientAttack):
+    def __init__(self, params: PGDParams | BPDAParams, *, gradient: str | None = None):
+        self.params = params
+        self.threat = make_threat(params.norm, params.eps)
+        self.gradient = gradient or getattr(params, "gradient", None)
+        self.loss_fn = LOSSES[params.loss]
+
+    def run(self, model: DefendedModel, x: Tensor, y: Tensor, ctx: AttackContext) -> AttackResult:
+        m, p = self.view(model), self.params
+        out = pgd(lambda z: m.loss_and_grad(self.loss_fn, z, y, p.eot), x, self.threat, steps=p.steps,
+                  step_size=p.resolved_step(), restarts=p.restarts, random_init=p.random_start,
+                  callback=self.callback)
+        return AttackResult(out.x_adv, stats=out.stats)
+
+
+def make_pgd_eot(params: PGDParams) -> PGDEOT:
+    return PGDEOT(params)
+
+
+def make_bpda_eot(params: BPDAParams) -> PGDEOT:
+    return PGDEOT(params, gradient="bpda")
+

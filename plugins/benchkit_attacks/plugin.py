@@ -1,0 +1,42 @@
+"""Registers this plugin's attacks with the benchkit host."""
+from __future__ import annotations
+
+from typing import Callable, NamedTuple
+
+from pydantic import BaseModel
+
+from benchkit.hookspecs import hookimpl
+
+from benchkit_attacks.diffusion_mse import DiffusionMSEParams, make_diffusion_mse
+from benchkit_attacks.pgd import BPDAParams, PGDParams, make_bpda_eot, make_pgd_eot
+from benchkit_attacks.square import SquareParams, make_square
+from benchkit_attacks.stadv import StAdvParams, make_stadv
+from benchkit_attacks.transfer import TransferParams, make_transfer
+
+
+class AttackSpec(NamedTuple):
+    factory: Callable
+    params: type[BaseModel]
+    description: str
+
+
+ATTACKS: dict[str, AttackSpec] = {
+    "stadv": AttackSpec(make_stadv, StAdvParams,
+                        "StAdv spatial flow attack (Xiao et al. 2018), perceptual-advex settings, EOT"),
+    "bpda-eot": AttackSpec(make_bpda_eot, BPDAParams,
+                           "PGD with BPDA (identity backward through the purifier) and EOT"),
+    "pgd-eot": AttackSpec(make_pgd_eot, PGDParams,
+                          "PGD with exact or adjoint gradients through the defense, EOT, restarts"),
+    "diffusion-mse": AttackSpec(make_diffusion_mse, DiffusionMSEParams,
+                                "PGD on the purifier alone, maximising MSE(purify(x_adv), x), EOT"),
+    "transfer": AttackSpec(make_transfer, TransferParams,
+                           "craft with another attack on the undefended classifier, evaluate defended"),
+    "square": AttackSpec(make_square, SquareParams,
+                         "Square Attack (black-box, pyautoattack), one draw per query"),
+}
+
+
+@hookimpl
+def register_attacks(register: Callable) -> None:
+    for id, spec in ATTACKS.items():
+        register(id, spec.factory, params=spec.params, description=spec.description)

@@ -1,0 +1,53 @@
+"""Registers the small models we train and ship, and the `benchkit zoo` command."""
+from __future__ import annotations
+
+import argparse
+
+from benchkit.hookspecs import hookimpl
+
+
+def _load(name: str):
+    from benchkit_zoo.catalog import load_zoo_model
+
+    return load_zoo_model(name)
+
+
+@hookimpl
+def register_classifiers(register):
+    register("digits-cnn", lambda params: _load("digits-cnn"),
+             description="Small CNN trained on the digits train split (benchkit_zoo recipe, shipped weights)")
+
+
+def _zoo(args: argparse.Namespace) -> int:
+    from benchkit_zoo import catalog
+
+    if args.zoo_action == "list":
+        for name, entry in catalog.CATALOG.items():
+            print(f"{name:14s} {entry.filename:28s} {entry.sha256[:16]}  {entry.description}")
+        return 0
+    names = [args.name] if args.name else list(catalog.CATALOG)
+    status = 0
+    for name in names:
+        if name not in catalog.CATALOG:
+            print(f"benchkit zoo: unknown model '{name}' (known: {', '.join(catalog.CATALOG)})")
+            return 2
+        if args.zoo_action == "verify":
+            try:
+                catalog.load_zoo_model(name)
+                print(f"{name}: ok ({catalog.CATALOG[name].sha256[:16]})")
+            except (FileNotFoundError, ValueError, RuntimeError) as exc:
+                print(f"{name}: {exc}")
+                status = 1
+        else:
+            path, digest = catalog.train_zoo_model(name, weights_dir=args.out)
+            print(f"{name}: wrote {path} sha256 {digest}")
+    return status
+
+
+@hookimpl
+def register_commands(cli):
+    p = cli.add_parser("zoo", help="the small shipped models: list, train, verify")
+    p.add_argument("zoo_action", choices=["list", "train", "verify"])
+    p.add_argument("name", nargs="?", help="model name (default: all)")
+    p.add_argument("--out", help="train: write the weights into this folder instead of the package's")
+    p.set_defaults(func=_zoo)
