@@ -145,7 +145,13 @@ def test_run_stores_reports_and_resumes(tmp_path, local, capsys):
     data = json.loads(capsys.readouterr().out)
     cell = next(c for c in data["cells"] if c["key"] == "near/none/fgsm")
     assert cell["clean"]["mean"] == 100.0 and cell["robust"]["mean"] == 0.0
-    assert [c["name"] for c in cell["checks"]] == ["gradients", "robust-le-clean"]
+    checks = {c["name"]: c for c in cell["checks"]}
+    assert set(checks) == {"attack-undefended", "unbounded-budget", "eot-convergence", "gradient-correctness",
+                           "gradients", "robust-le-clean"}
+    assert checks["attack-undefended"]["status"] == "pass"            # FGSM 0.2 breaks the classifier
+    assert checks["unbounded-budget"]["numbers"]["overrides"] == {"eps": 1.0}
+    assert checks["eot-convergence"]["status"] == "skipped"           # identity is deterministic
+    assert checks["gradients"]["status"] == "pass" and checks["robust-le-clean"]["status"] == "pass"
     assert main(["report", str(out), "--format", "csv"]) == 0
     assert capsys.readouterr().out.startswith("classifier,defense,attack")
 
@@ -196,3 +202,16 @@ def test_missing_checkpoint_is_bad_input(tmp_path, local, capsys, monkeypatch):
 def test_ls_lists_plugin_components(local, capsys):
     assert main(["ls", "score-models"]) == 0
     assert "toy-score" in capsys.readouterr().out
+
+
+def test_html_escapes_plugin_strings_and_shows_provenance_and_checks(tmp_path, local):
+    text = SUITE.replace("{id: jitter, plugin: jitter}", "{id: '<script>alert(1)</script>', plugin: jitter}").replace(
+        'source: "Made up et al."', 'source: "<img src=x onerror=alert(2)>"').replace("defense: jitter", "defense: '<script>alert(1)</script>'")
+    s = write(tmp_path / "s.yaml", text)
+    assert main(["run", str(s), "--out", str(tmp_path / "o")]) == 0
+    html = (tmp_path / "o" / "leaderboard.html").read_text()
+    assert "<script>alert(1)</script>" not in html and "&lt;script&gt;alert(1)&lt;/script&gt;" in html
+    assert "<img src=x" not in html and "&lt;img src=x onerror=alert(2)&gt;" in html
+    # provenance: versions, git state, seeds, device; and the per-cell check flags
+    for needle in ("torch", "benchkit", "git", "&#34;seed&#34;: 3", "cpu", "robust-le-clean: pass", "gradients: pass"):
+        assert needle in html, needle

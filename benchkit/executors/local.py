@@ -84,4 +84,21 @@ def run(suite: Suite, plans: list[Plan], comps: Components, store: Store, run_id
         if not failed and (p.todo or not store.checks(p.cell_id)):
             store.save_checks(p.cell_id, run_id, checks.run_checks(suite, p.cell, p.cell_id, comps, store))
     progress.close()
+    _black_box_checks(plans, store, run_id)
     return failures
+
+
+def _black_box_checks(plans: list[Plan], store: Store, run_id: int) -> None:
+    """The one check that compares cells: black-box (Square) vs white-box on the same group."""
+    from benchkit import metrics
+
+    rows = []
+    for p in plans:
+        examples = store.examples(p.cell_id)
+        if examples and len(store.committed_shards(p.cell_id)) == len(p.shards):
+            rows.append({"key": p.cell.key, "cell_id": p.cell_id, "plugin": p.cell.attack.plugin,
+                         "classifier": p.cell.classifier.id, "defense": p.cell.defense.id,
+                         "robust": metrics.summarise(examples)["robust"].mean})
+    ids = {r["key"]: r["cell_id"] for r in rows}
+    for key, result in checks.black_box_vs_white_box(rows).items():
+        store.save_checks(ids[key], run_id, [result])

@@ -1,0 +1,175 @@
+"""DiffPure purification speed and memory, ours against the reference's way, in one process.
+
+Prints one JSON object. Ratios are the result (this machine is noisy); every comparison runs on
+the same model and inputs in the same run.
+  throughput   our fixed-step solver vs torchsde.sdeint_adjoint called as DiffPure's reference
+               code calls it (Euler, dt = 1e-3, default adjoint method, BrownianInterval, network
+               parameters left trainable): forward only, and forward + input gradient
+  eot          n EOT samples as batched passes (DefendedModel.expectation) vs n sequential passes
+  memory       peak resident memory above a same-model baseline, for exact / autograd (unrolled) /
+               adjoint at 10, 100 and 1000 steps, each measured in a fresh subprocess
+Usage: python benchmarks/bench_purify.py [--batch 32] [--eot 16] [--repeats 3] [--skip-memory]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torchsde
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def score_model():
+    from benchkit_diffpure.score import ContinuousTimeScore
+    try:
+        from benchkit_zoo.catalog import load_zoo_model
+        return ContinuousTimeScore(load_zoo_model("digits-unet")), "digits-unet", (1, 8, 8)
+    except Exception:  # noqa: BLE001 - weights not built: a stand-in of similar size
+        sys.path.insert(0, str(ROOT / "tests"))
+        from diffpure_helpers import TinyConvScore
+        return TinyConvScore(channels=1, hidden=64), "tiny-conv", (1, 8, 8)
+
+
+def best_of(fn, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return min(times)
+
+
+class ReferenceRevVPSDE(torch.nn.Module):
+    """DiffPure's RevVPSDE formulation: torchsde time t' = 1 - t, f = -(reverse drift), g = sqrt(beta)."""
+    noise_type, sde_type = "diagonal", "ito"
+
+    def __init__(self, score, shape):
+        super().__init__()
+        self.score, self.shape = score, shape
+
+    def f(self, tp, x):
+        from benchkit_diffpure import sde
+        t = (1 - tp).expand(x.shape[0])
+        xi = x.view(-1, *self.shape)
+        return (-sde.reverse_sde_drift(xi, t, self.score.score(xi, t), sde.beta(t).view(-1, 1, 1, 1))).flatten(1)
+
+    def g(self, tp, x):
+        from benchkit_diffpure import sde
+        return sde.beta(1 - tp).sqrt().expand_as(x)
+
+
+def reference_purify(score, shape, x, t_star, grad: bool):
+    from benchkit_diffpure import sde
+    score.requires_grad_(True)  # the reference leaves the network trainable: the adjoint integrates its params
+    try:
+        xr = x.clone().requires_grad_(grad)
+        x_t = sde.diffuse(sde.to_centered(xr), sde.alpha(t_star), torch.randn_like(x))
+        ts = torch.tensor([1.0 - t_star, 1.0 - 1e-5])
+        bm = torchsde.BrownianInterval(t0=ts[0], t1=ts[-1], size=(x.shape[0], x[0].numel()))
+        with torch.set_grad_enabled(grad):
+            out = torchsde.sdeint_adjoint(ReferenceRevVPSDE(score, shape), x_t.flatten(1), ts, method="euler", bm=bm, dt=1e-3)[-1]
+            if grad:
+                out.sum().backward()
+    finally:
+        score.requires_grad_(False)
+
+
+def throughput(purifier, score, shape, x, repeats):
+    def ours(grad):
+        def run():
+            if grad:
+                xr = x.clone().requires_grad_(True)
+                purifier.purify(xr, gradient="exact").sum().backward()
+            else:
+                purifier.purify(x, gradient="none")
+        return run
+    out = {}
+    for name, grad in (("forward", False), ("forward_backward", True)):
+        a = best_of(ours(grad), repeats)
+        b = best_of(lambda: reference_purify(score, shape, x, purifier.t_star, grad), repeats)
+        out[name] = {"ours_s": a, "reference_s": b, "speedup": b / a, "images_per_s": x.shape[0] / a}
+    return out
+
+
+def eot(purifier, x, n, repeats):
+    from benchkit.defended import DefendedModel
+    classifier = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(x[0].numel(), 10))
+    model = DefendedModel(classifier, purifier, gradient="none", max_batch=x.shape[0] * n)
+    y = torch.zeros(x.shape[0], dtype=torch.long)
+    ce = lambda logits, yy: torch.nn.functional.cross_entropy(logits, yy, reduction="none")
+    with torch.no_grad():
+        batched = best_of(lambda: model.expectation(ce, x, y, n), repeats)
+        sequential = best_of(lambda: [ce(model(x), y) for _ in range(n)], repeats)
+    return {"n": n, "batched_s": batched, "sequential_s": sequential, "speedup": sequential / batched}
+
+
+def memory_child(mode: str, steps: int, batch: int) -> None:
+    """Run one gradient computation and print the peak RSS (KiB); mode 'baseline' = one step, no grad."""
+    from benchkit_diffpure.purifier import DiffPure
+    torch.set_num_threads(1)
+    score, _, shape = score_model()
+    x = torch.rand(batch, *shape)
+    if mode == "baseline":
+        DiffPure(score, t_star=0.001, dt=1e-3).purify(x, gradient="none")
+    else:
+        p = DiffPure(score, t_star=steps * 1e-3, dt=1e-3)
+        xr = x.clone().requires_grad_(True)
+        x_c, t_star, x_t = p._start(xr, __import__("benchkit.noise", fromlist=["x"]).GLOBAL_NOISE)
+        p._solve(x_c, t_star, x_t, mode, __import__("benchkit.noise", fromlist=["x"]).GLOBAL_NOISE).sum().backward()
+    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+
+
+def memory(batch: int) -> dict:
+    def peak(mode, steps):
+        r = subprocess.run([sys.executable, __file__, "--child", mode, str(steps), str(batch)],
+                           capture_output=True, text=True, check=True)
+        return int(r.stdout.strip().splitlines()[-1]) / 1024  # MiB
+    base = peak("baseline", 1)
+    out = {"baseline_mib": base}
+    for mode in ("exact", "autograd", "adjoint"):
+        out[mode] = {str(n): peak(mode, n) - base for n in (10, 100, 1000)}
+    out["exact_growth_10_to_1000"] = out["exact"]["1000"] / max(out["exact"]["10"], 1e-9)
+    return out
+
+
+def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "--child":
+        memory_child(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))
+        return
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--eot", type=int, default=16)
+    ap.add_argument("--t-star", type=float, default=0.1)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--skip-memory", action="store_true")
+    args = ap.parse_args()
+    from benchkit_diffpure.purifier import DiffPure
+    torch.manual_seed(0)
+    score, name, shape = score_model()
+    x = torch.rand(args.batch, *shape)
+    purifier = DiffPure(score, t_star=args.t_star)
+    result = {"score_model": name, "batch": args.batch, "t_star": args.t_star, "steps": purifier.n_steps,
+              "threads": torch.get_num_threads(), "torch": torch.__version__,
+              "throughput": throughput(purifier, score, shape, x, args.repeats),
+              "eot": eot(purifier, x[: max(1, args.batch // 4)], args.eot, args.repeats)}
+    if not args.skip_memory:
+        result["memory"] = memory(args.batch)
+        # exact vs adjoint time at 100 steps (forward + backward)
+        def grad_time(mode):
+            def run():
+                xr = x.clone().requires_grad_(True)
+                purifier.purify(xr, gradient=mode).sum().backward()
+            return best_of(run, args.repeats)
+        result["exact_vs_adjoint_time"] = grad_time("exact") / grad_time("adjoint")
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,62 @@
+"""CIFAR-10 from the standard python-pickle batches (cifar-10-batches-py/), read without running
+pickled code: only the builtins and numpy constructors the format uses are allowed."""
+from __future__ import annotations
+
+import io
+import pickle
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from benchkit.assets import Asset
+from benchkit.dataset import TensorDataset
+from benchkit.errors import MissingAsset
+
+SOURCE = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz (extract so the folder cifar-10-batches-py/ is inside root)"
+TEST_ASSET = Asset("cifar10/cifar-10-batches-py/test_batch", SOURCE, size=31_035_526)
+TRAIN_FILES = [f"data_batch_{i}" for i in range(1, 6)]
+
+
+class _SafeUnpickler(pickle.Unpickler):
+    ALLOWED = {("builtins", "dict"), ("builtins", "list"), ("builtins", "bytes"),
+               ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+               ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode")}
+
+    def find_class(self, module: str, name: str):
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"refusing to load {module}.{name} from a CIFAR-10 batch")
+        return super().find_class(module, name)
+
+
+def read_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """(uint8 [N, 3, 32, 32], int64 [N]) from one cifar-10-batches-py file."""
+    try:
+        d = _SafeUnpickler(io.BytesIO(path.read_bytes()), encoding="bytes").load()
+        data, labels = d[b"data"], d[b"labels"]
+    except (pickle.UnpicklingError, EOFError, KeyError, TypeError) as exc:
+        raise MissingAsset(f"{path}: not a CIFAR-10 python batch ({exc})") from None
+    return np.asarray(data, dtype=np.uint8).reshape(-1, 3, 32, 32), np.asarray(labels, dtype=np.int64)
+
+
+def files(root: Path, split: str) -> list[Path]:
+    names = ["test_batch"] if split == "test" else TRAIN_FILES
+    return [root / "cifar-10-batches-py" / n for n in names]
+
+
+def load(root: Path, split: str, n: int | None, subset_seed: int | None) -> TensorDataset:
+    """The split, optionally a fixed subset: the first n images, or n drawn with subset_seed
+    (the paper's protocol: a fixed random subset of the test set)."""
+    for f in files(root, split):
+        if not f.is_file():
+            raise MissingAsset(f"missing file {f}: get it from {SOURCE}")
+    parts = [read_batch(f) for f in files(root, split)]
+    x = np.concatenate([p[0] for p in parts])
+    y = np.concatenate([p[1] for p in parts])
+    idx = np.arange(len(y))
+    if n is not None and subset_seed is not None:
+        idx = np.sort(np.random.RandomState(subset_seed).permutation(len(y))[:n])
+    elif n is not None:
+        idx = idx[:n]
+    return TensorDataset(torch.from_numpy(x[idx]).float() / 255.0, torch.from_numpy(y[idx]),
+                         name=f"cifar10-{split}", num_classes=10)
