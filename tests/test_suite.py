@@ -79,7 +79,7 @@ def test_wrong_param_types(tmp_path, plugin_manager):
     with pytest.raises(BadInput) as exc:
         load_suite(p)
     text = "\n".join(exc.value.problems)
-    assert "attacks[0].params.eps: Value error, expected a number or a fraction like '8/255', got 'eight'" in text
+    assert "attacks[0].params.eps: expected a number or a fraction like '8/255', got 'eight'" in text
     assert "attacks[0].params.versions.0:" in text
 
 
