@@ -31,7 +31,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     out = Path(args.out or Path("runs") / suite.suite)
     device = torch.device(args.device or suite.eval.device or "cpu")
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise BadInput(f"--device cuda: no CUDA device is available on this machine")
+        raise BadInput("--device cuda: no CUDA device is available on this machine")
     if args.executor == "ray":
         raise BadInput("--executor ray: the ray executor is not available in this version; use --executor local")
     comps = build_components(suite, args.suite, device)

@@ -7,13 +7,14 @@ in [0, 1], within budget, with a tiny float tolerance: never clipped) and classi
 from __future__ import annotations
 
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Iterator, Sequence
 
 import torch
 from torch import Tensor, nn
 
-from benchkit import registry
+from benchkit import png, registry
 from benchkit.attack import Attack, AttackContext, AttackResult
 from benchkit.dataset import Dataset
 from benchkit.defended import DefendedModel, Purifier
@@ -130,11 +131,40 @@ def robust_accuracy(model: DefendedModel, attack: Attack, x: Tensor, y: Tensor, 
     return float(robust.float().mean() * 100)
 
 
+STRIP_IMAGES = 4   # the first images of a cell kept as purification strips for the report
+STRIP_FRAMES = 4   # adversarial, diffused x(t*), mid-way, purified (then the clean image)
+
+
+def strip_samples(purifier: Purifier, seed: int, cell: Cell, indices: Sequence[int], x: Tensor,
+                  x_adv: Tensor) -> list[tuple]:
+    """(image_index, frame, kind, png) rows showing how the defense purifies the adversarial
+    examples of the cell's first STRIP_IMAGES images, for defenses that can show their work: a
+    `trajectory(x, n_frames, noise=)` method returning [n_frames, B, C, H, W] in [0, 1], from
+    the input through intermediate states to the purified image. Other defenses: no rows."""
+    trajectory = getattr(purifier, "trajectory", None)
+    keep = [i for i, idx in enumerate(indices) if idx < STRIP_IMAGES]
+    if not callable(trajectory) or not keep:
+        return []
+    noise = PerExampleNoise([derive_seed(seed, cell.key, "strip", indices[i]) for i in keep])
+    try:
+        with torch.no_grad():
+            frames = trajectory(x_adv[keep], STRIP_FRAMES, noise=noise).cpu()
+    except Exception as exc:  # noqa: BLE001 - a display aid must never cost the shard its results
+        warnings.warn(f"{cell.key}: no purification strip: trajectory failed: {type(exc).__name__}: {exc}")
+        return []
+    n = frames.shape[0]
+    kinds = ["adversarial", "diffused", *["mid-way"] * (n - 3), "purified"]
+    frames = torch.cat([frames, x[keep].detach().cpu()[None]])
+    return [(int(indices[i]), f, kind, png.from_tensor(frames[f, j]))
+            for j, i in enumerate(keep) for f, kind in enumerate([*kinds, "clean"])]
+
+
 @dataclass
 class ShardResult:
     rows: list[tuple]
     stats: dict
     seconds: float
+    samples: list[tuple] = field(default_factory=list)   # (image_index, frame, kind, png): see strip_samples
 
 
 def evaluate_shard(suite: Suite, cell: Cell, comps: Components, indices: Sequence[int],
@@ -154,8 +184,10 @@ def evaluate_shard(suite: Suite, cell: Cell, comps: Components, indices: Sequenc
     attack = comps.attacks[cell.attack.id]
     ctx = AttackContext(device=device, seed=derive_seed(suite.seed, cell.key, indices[0]) % 2**31,
                         undefended=comps.classifiers[cell.classifier.id], batch_size=bs)
-    rows, stats = [], {}
+    rows, stats, samples = [], {}, None
     for variant, sub, x_adv, result in run_attack(model, attack, x, y, ctx, (suite.seed, cell.key)):
+        if samples is None:  # the first variant's examples
+            samples = strip_samples(model.purifier, suite.seed, cell, indices, x, x_adv)
         distance = sub.threat.distance(x, x_adv, result.extra).cpu().tolist()
         adv = [_classify(model, x_adv, y, [derive_seed(suite.seed, cell.key, variant, i, "adv", r) for i in indices], bs)
                for r in range(reps)]
@@ -163,4 +195,4 @@ def evaluate_shard(suite: Suite, cell: Cell, comps: Components, indices: Sequenc
         for i, idx in enumerate(indices):
             rows.append((int(idx), variant, int(y[i]), clean_flags[i], adv_flags[i], float(distance[i])))
         stats.update({f"{variant}.{k}" if variant else k: v for k, v in result.stats.items()})
-    return ShardResult(rows, stats, time.perf_counter() - t0)
+    return ShardResult(rows, stats, time.perf_counter() - t0, samples or [])

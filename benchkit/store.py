@@ -49,6 +49,16 @@ MIGRATIONS: list[tuple[str, str]] = [
         shard INTEGER, message TEXT NOT NULL, at REAL NOT NULL
     );
     """),
+    # Display images for the report's purification strips (first few images of cells whose
+    # defense has a `trajectory` method): frame 0 the adversarial input ... the purified image,
+    # then the clean image. PNG bytes, committed with the shard that holds the image.
+    ("0002_samples", """
+    CREATE TABLE samples (
+        cell_id INTEGER NOT NULL REFERENCES cells(id), image_index INTEGER NOT NULL,
+        frame INTEGER NOT NULL, kind TEXT NOT NULL, png BLOB NOT NULL,
+        PRIMARY KEY (cell_id, image_index, frame)
+    );
+    """),
 ]
 
 
@@ -111,10 +121,13 @@ class Store:
         return {r[0] for r in self.db.execute("SELECT shard FROM shards WHERE cell_id=?", (cell_id,))}
 
     def commit_shard(self, cell_id: int, shard: int, run_id: int, first_index: int, rows: Iterable[tuple],
-                     seconds: float, stats: dict) -> None:
-        """rows: (image_index, variant, label, clean_flags, adv_flags, distance). All or nothing."""
+                     seconds: float, stats: dict, samples: Iterable[tuple] = ()) -> None:
+        """rows: (image_index, variant, label, clean_flags, adv_flags, distance);
+        samples: (image_index, frame, kind, png bytes). All or nothing."""
         rows = list(rows)
         with self.transaction():
+            self.db.executemany("INSERT INTO samples (cell_id, image_index, frame, kind, png) VALUES (?,?,?,?,?)",
+                                [(cell_id, *s) for s in samples])
             self.db.executemany(
                 "INSERT INTO examples (cell_id, image_index, variant, label, clean_flags, adv_flags, distance)"
                 " VALUES (?,?,?,?,?,?,?)", [(cell_id, *r) for r in rows])
@@ -156,6 +169,9 @@ class Store:
 
     def checks(self, cell_id: int) -> list[sqlite3.Row]:
         return list(self.db.execute("SELECT * FROM checks WHERE cell_id=? ORDER BY name", (cell_id,)))
+
+    def samples(self, cell_id: int) -> list[sqlite3.Row]:
+        return list(self.db.execute("SELECT * FROM samples WHERE cell_id=? ORDER BY image_index, frame", (cell_id,)))
 
     def failures(self, cell_id: int) -> list[sqlite3.Row]:
         return list(self.db.execute("SELECT * FROM failures WHERE cell_id=? ORDER BY at", (cell_id,)))

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 
-import pytest
 
 from benchkit.cli import main
 from conftest import ROOT, write

@@ -5,7 +5,6 @@ import sys
 import time
 from dataclasses import dataclass
 
-import torch
 
 from benchkit import checks
 from benchkit.evaluate import CellFailure, Components, evaluate_shard
@@ -79,7 +78,7 @@ def run(suite: Suite, plans: list[Plan], comps: Components, store: Store, run_id
                 failures.append(msg)
                 failed = True
                 break
-            store.commit_shard(p.cell_id, i, run_id, p.shards[i][0], res.rows, res.seconds, res.stats)
+            store.commit_shard(p.cell_id, i, run_id, p.shards[i][0], res.rows, res.seconds, res.stats, res.samples)
             progress.update(len(p.shards[i]), p.cell.key)
         if not failed and (p.todo or not store.checks(p.cell_id)):
             store.save_checks(p.cell_id, run_id, checks.run_checks(suite, p.cell, p.cell_id, comps, store))

@@ -79,8 +79,6 @@ def pyautoattack_resnet18() -> CifarResNet:
     inputs in [0, 1], no normalisation; a standard, not adversarially trained, model)."""
     from importlib.resources import files
 
-    import torch
-
     from benchkit.assets import load_state_dict
 
     path = files("pyautoattack") / "examples" / "model_test.pt"

@@ -6,11 +6,12 @@ convention), so the score at forward time t is -DigitsUNet(x, 999 t) / std(t).
 """
 from __future__ import annotations
 
-import math
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from benchkit_diffpure.architectures.embedding import timestep_embedding
 
 
 class DigitsCNN(nn.Module):
@@ -31,16 +32,6 @@ class DigitsCNN(nn.Module):
         h = F.max_pool2d(F.relu(self.conv2(h)), 2)
         h = self.dropout(F.relu(self.fc1(h.flatten(1))))
         return self.fc2(h)
-
-
-def timestep_embedding(t_label: Tensor, dim: int, max_positions: int = 10000) -> Tensor:
-    """Sinusoidal embedding of (continuous) time labels, as score_sde's get_timestep_embedding."""
-    half = dim // 2
-    freqs = torch.exp(
-        torch.arange(half, dtype=torch.float32, device=t_label.device) * (-math.log(max_positions) / (half - 1))
-    )
-    args = t_label.float()[:, None] * freqs[None]
-    return torch.cat([torch.sin(args), torch.cos(args)], dim=1)
 
 
 def _norm(ch: int) -> nn.GroupNorm:

@@ -6,25 +6,13 @@ with convolutional resampling is implemented; anything else raises ``ValueError`
 """
 from __future__ import annotations
 
-import math
 from typing import Any, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-
-def timestep_embedding(timesteps: Tensor, dim: int) -> Tensor:
-    """Sinusoidal embedding in the DDPM layout: [sin | cos], frequencies
-    exp(-ln(10000) * i / (half - 1))."""
-    half = dim // 2
-    step = math.log(10000) / (half - 1)
-    freqs = torch.exp(torch.arange(half, dtype=torch.float32, device=timesteps.device) * -step)
-    args = timesteps.float()[:, None] * freqs[None, :]
-    emb = torch.cat([torch.sin(args), torch.cos(args)], dim=1)
-    if dim % 2:
-        emb = F.pad(emb, (0, 1))
-    return emb
+from benchkit_diffpure.architectures.embedding import timestep_embedding
 
 
 def _norm(channels: int) -> nn.GroupNorm:

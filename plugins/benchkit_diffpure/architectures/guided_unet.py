@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from benchkit_diffpure.architectures.embedding import timestep_embedding
+
 # guided-diffusion's script_util picks these when channel_mult is the empty string.
 DEFAULT_CHANNEL_MULT: dict[int, tuple[float, ...]] = {
     512: (0.5, 1, 1, 2, 2, 4, 4),
@@ -42,19 +44,6 @@ _MODEL_DEFAULTS: dict[str, Any] = {
     "use_new_attention_order": False,
     "learn_sigma": False,
 }
-
-
-def timestep_embedding(timesteps: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
-    """Sinusoidal embedding in guided-diffusion's layout: [cos | sin], frequencies
-    exp(-ln(max_period) * i / half) (denominator ``half``, unlike DDPM/NCSN++'s ``half - 1``)."""
-    half = dim // 2
-    idx = torch.arange(half, dtype=torch.float32, device=timesteps.device)
-    freqs = torch.exp(-math.log(max_period) * idx / half)
-    args = timesteps[:, None].float() * freqs[None]
-    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
-    if dim % 2:
-        emb = F.pad(emb, (0, 1))
-    return emb
 
 
 class GroupNorm32(nn.GroupNorm):
@@ -246,7 +235,7 @@ class GuidedUNet(nn.Module):
         self.out = nn.Sequential(GroupNorm32(ch), nn.SiLU(), nn.Conv2d(input_ch, out_channels, 3, padding=1))
 
     def forward(self, x: Tensor, timesteps: Tensor) -> Tensor:
-        emb = self.time_embed(timestep_embedding(timesteps, self.model_channels))
+        emb = self.time_embed(timestep_embedding(timesteps, self.model_channels, guided=True))
         hs = []
         h = x
         for block in self.input_blocks:

@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from benchkit_diffpure.architectures.embedding import timestep_embedding
+
 __all__ = ["NCSNpp", "load_score_sde_checkpoint"]
 
 def _skip_sum(x: Tensor, h: Tensor, rescale: bool) -> Tensor:
@@ -59,20 +61,6 @@ def _linear(in_features: int, out_features: int) -> nn.Linear:
 
 def _group_norm(channels: int) -> nn.GroupNorm:
     return nn.GroupNorm(num_groups=min(channels // 4, 32), num_channels=channels, eps=1e-6)
-
-
-def timestep_embedding(labels: Tensor, dim: int, max_positions: int = 10000) -> Tensor:
-    """Sinusoidal embedding [sin | cos] with frequencies exp(-ln(max_positions) i / (half - 1))."""
-    if labels.dim() != 1:
-        raise ValueError(f"labels must be a 1-D tensor [B], got shape {tuple(labels.shape)}")
-    half = dim // 2
-    step = math.log(max_positions) / (half - 1)
-    freqs = torch.exp(torch.arange(half, dtype=torch.float32, device=labels.device) * -step)
-    args = labels.float()[:, None] * freqs[None, :]
-    emb = torch.cat([torch.sin(args), torch.cos(args)], dim=1)
-    if dim % 2 == 1:
-        emb = F.pad(emb, (0, 1))
-    return emb
 
 
 class NIN(nn.Module):
