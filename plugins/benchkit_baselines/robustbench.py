@@ -140,6 +140,11 @@ def _files(p: RobustBenchParams) -> list[tuple[Asset, str | None]]:
 
 
 def robustbench_assets(p: RobustBenchParams) -> list[tuple[Asset, str | None]]:
+    """The files load_model reads; without the extra installed, the usual single-file layout
+    (so the missing-asset checklist is complete either way; building still needs the extra)."""
+    if importlib.util.find_spec("robustbench") is None:
+        path = _model_dir(p) / p.dataset / p.threat_model / f"{p.name}.pt"
+        return [(Asset(str(path), f"RobustBench model zoo entry '{p.name}' (needs {INSTALL_HINT})"), str(path))]
     return _files(p)
 
 
