@@ -133,6 +133,18 @@ def cmd_report(args: argparse.Namespace) -> int:
     from benchkit import report
     from benchkit.store import Store
 
+    if (args.dir is None) == (args.index is None):
+        raise BadInput("report: give a run folder DIR or --index PARENT_DIR (not both)")
+    if args.index is not None:
+        if not Path(args.index).is_dir():
+            raise BadInput(f"--index {args.index}: not a folder")
+        idx = report.index(Path(args.index))
+        if not idx["runs"]:
+            raise BadInput(f"--index {args.index}: no results.sqlite under this folder")
+        print(report.index_table(idx, args.format))
+        if args.html:
+            print(f"index: {report.render_index(idx, Path(args.html)).resolve()}", file=sys.stderr)
+        return EXIT_OK
     db = Path(args.dir) / "results.sqlite"
     if not db.is_file():
         raise BadInput(f"{args.dir}: no results.sqlite here (run `benchkit run SUITE --out {args.dir}` first)")
@@ -141,6 +153,67 @@ def cmd_report(args: argparse.Namespace) -> int:
     print(report.table(data, args.format))
     if args.html:
         print(f"leaderboard: {report.render_html(data, Path(args.html)).resolve()}", file=sys.stderr)
+    return EXIT_OK
+
+
+def cmd_purify(args: argparse.Namespace) -> int:
+    """Purify image files with one defense of a suite (built alone, not the whole suite)."""
+    import difflib
+
+    import torch
+
+    from benchkit import png, registry
+    from benchkit.noise import PerExampleNoise, derive_seed
+    from benchkit.suite import load_suite
+
+    suite = load_suite(args.suite)
+    ids = [d.id for d in suite.defenses]
+    if args.defense not in ids:
+        close = difflib.get_close_matches(args.defense, ids, n=1, cutoff=0.6)
+        hint = f"; did you mean '{close[0]}'?" if close else f" (defined: {', '.join(ids)})"
+        raise BadInput(f"{args.suite}: --defense: no defense '{args.defense}' in this suite{hint}")
+    images, problems = [], []
+    for path in map(Path, args.inputs):
+        try:
+            a = png.decode(path.read_bytes())
+        except (OSError, png.PNGError) as exc:
+            problems.append(f"{path}: cannot read image: {exc.strerror if isinstance(exc, OSError) else exc}")
+            continue
+        a = a[:, :, :-1] if a.shape[2] in (2, 4) else a              # drop alpha
+        images.append((path, torch.from_numpy(a.transpose(2, 0, 1).astype("float32") / 255.0)[None]))
+    stems = [p.stem for p, _ in images]
+    problems += [f"{p}: another input is also named {p.stem}.png; outputs would overwrite each other"
+                 for p, _ in images if stems.count(p.stem) > 1]
+    if problems:
+        raise BadInput(problems)
+    i = ids.index(args.defense)
+    where = f"{args.suite}: defenses[{i}]"
+    try:
+        entry = registry.get("defenses").get(suite.defenses[i].plugin, where=f"{where}.plugin")
+        purifier = entry.build(entry.validate(suite.defenses[i].params, where))
+    except (BadInput, FileNotFoundError) as exc:
+        raise BadInput([f"{where}: {p}" for p in getattr(exc, "problems", [str(exc)])]) from None
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise BadInput("--device cuda: no CUDA device is available on this machine")
+    purifier = purifier.to(device).eval()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    for path, x in images:
+        noise = PerExampleNoise([derive_seed(args.seed, path.name)])
+        try:
+            with torch.no_grad():
+                y = purifier.purify(x.to(device), gradient="none", noise=noise)[0]
+        except Exception as exc:  # noqa: BLE001 - one line per image, e.g. a channel count the model rejects
+            first = (str(exc).strip().splitlines() or [""])[0]
+            problems.append(f"{path}: defense '{args.defense}' failed on this {x.shape[1]}-channel "
+                            f"{x.shape[2]}x{x.shape[3]} image: {type(exc).__name__}: {first}")
+            continue
+        target = out / f"{path.stem}.png"
+        target.write_bytes(png.from_tensor(y))
+        print(target)
+    if problems:
+        raise BadInput(problems)
     return EXIT_OK
 
 
@@ -169,11 +242,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_ls)
     p = sub.add_parser("plugins", help="installed plugins, versions and hooks")
     p.set_defaults(func=cmd_plugins)
-    p = sub.add_parser("report", help="print a stored run's leaderboard")
-    p.add_argument("dir")
-    p.add_argument("--html", help="also write the HTML leaderboard here")
+    p = sub.add_parser("report", help="print a stored run's leaderboard, or an index of the runs in a folder")
+    p.add_argument("dir", nargs="?")
+    p.add_argument("--index", metavar="PARENT_DIR", help="index every run folder (results.sqlite) under PARENT_DIR, "
+                   "with mean ± std over seeds for suites run with several seeds")
+    p.add_argument("--html", help="also write the HTML leaderboard (or, with --index, the index page) here")
     p.add_argument("--format", choices=["table", "json", "csv"], default="table")
     p.set_defaults(func=cmd_report)
+    p = sub.add_parser("purify", help="purify PNG images with one defense of a suite")
+    p.add_argument("--suite", required=True, help="the suite YAML that defines the defense")
+    p.add_argument("--defense", required=True, help="the defense's id in that suite")
+    p.add_argument("inputs", nargs="+", metavar="IN", help="PNG files (8-bit grey, RGB or RGBA; alpha is dropped)")
+    p.add_argument("--out", required=True, help="output folder: OUT/<name>.png per input")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--seed", type=int, default=0, help="seed of the defense's randomness (per image: seed + file name)")
+    p.set_defaults(func=cmd_purify)
     get_plugin_manager().hook.register_commands(cli=sub)
     return parser
 

@@ -153,7 +153,7 @@ def strip_samples(purifier: Purifier, seed: int, cell: Cell, indices: Sequence[i
         warnings.warn(f"{cell.key}: no purification strip: trajectory failed: {type(exc).__name__}: {exc}")
         return []
     n = frames.shape[0]
-    kinds = ["adversarial", "diffused", *["mid-way"] * (n - 3), "purified"]
+    kinds = ["adversarial", "diffused (t*)", *["mid-way"] * (n - 3), "purified"]
     frames = torch.cat([frames, x[keep].detach().cpu()[None]])
     return [(int(indices[i]), f, kind, png.from_tensor(frames[f, j]))
             for j, i in enumerate(keep) for f, kind in enumerate([*kinds, "clean"])]

@@ -7,13 +7,15 @@ from html import escape
 COLORS = ("#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f")
 
 
-def nice_ticks(lo: float, hi: float, n: int = 5) -> list[float]:
-    """About n round tick values covering [lo, hi] (steps of 1, 2 or 5 times a power of ten)."""
+def nice_ticks(lo: float, hi: float, n: int = 5, integer: bool = False) -> list[float]:
+    """About n round tick values covering [lo, hi] (steps of 1, 2 or 5 times a power of ten;
+    whole steps with integer)."""
     if hi <= lo:
         lo, hi = lo - 1, hi + 1
     raw = (hi - lo) / max(1, n)
     mag = 10 ** math.floor(math.log10(raw))
     step = next(m * mag for m in (1, 2, 5, 10) if m * mag >= raw)
+    step = max(step, 1) if integer else step
     start = math.floor(lo / step + 1e-9) * step
     ticks, t = [], start
     while t <= hi + step * 1e-9:
@@ -39,7 +41,7 @@ def line_chart(series: list[dict], *, title: str = "", x_label: str = "", y_labe
     legend_h = 18 * len(series)
     plot_w, plot_h = width - left - right, height - top - bottom
     xs, ys = [p[0] for p in pts], [p[1] for p in pts]
-    xt = nice_ticks(min(xs), max(xs))
+    xt = nice_ticks(min(xs), max(xs), integer=all(float(x).is_integer() for x in xs))
     yt = nice_ticks(*(y_range or (min(ys), max(ys))))
     x0, x1, y0, y1 = xt[0], xt[-1], yt[0], yt[-1]
     sx = lambda v: left + (v - x0) / (x1 - x0) * plot_w

@@ -80,13 +80,15 @@ def decode(data: bytes) -> np.ndarray:
         f = rows[y, 0]
         if f == 0:
             line = rows[y, 1:].copy()
-        elif f == 2:  # Up: vectorised
+        elif f == 1:  # Sub: a running sum along each channel, modulo 256
+            line = rows[y, 1:].reshape(w, c).cumsum(0, dtype=np.int64).astype(np.uint8).reshape(stride)
+        elif f == 2:  # Up
             line = rows[y, 1:] + prev
-        elif f in (1, 3, 4):  # Sub, Average, Paeth depend on the reconstructed left pixel: sequential
+        elif f in (3, 4):  # Average, Paeth depend on the reconstructed left pixel: sequential
             cur, up = rows[y, 1:].tolist(), prev.tolist()
             for x in range(stride):
                 left, upleft = (cur[x - c], up[x - c]) if x >= c else (0, 0)
-                pred = left if f == 1 else ((left + up[x]) >> 1 if f == 3 else _paeth(left, up[x], upleft))
+                pred = (left + up[x]) >> 1 if f == 3 else _paeth(left, up[x], upleft)
                 cur[x] = (cur[x] + pred) & 0xFF
             line = np.array(cur, np.uint8)
         else:

@@ -1,6 +1,7 @@
 """Leaderboards from a results store: terminal tables (tabulate), JSON/CSV, and HTML (Jinja2)."""
 from __future__ import annotations
 
+import base64
 import csv
 import html
 import io
@@ -8,9 +9,10 @@ import json
 from pathlib import Path
 
 import jinja2
+import markupsafe
 from tabulate import tabulate
 
-from benchkit import metrics
+from benchkit import metrics, plots
 from benchkit.store import Store
 
 TEMPLATES = Path(__file__).resolve().parent.parent / "templates"
@@ -47,8 +49,73 @@ def collect(store: Store, run_id: int | None = None) -> dict:
             "status": "failed" if failures and not complete else ("done" if complete else "partial"),
             "seconds": sum(sh["seconds"] for sh in shards),
         })
-    return {"run": dict(run), "suite": suite, "provenance": json.loads(run["provenance_json"]),
+    data = {"run": dict(run), "suite": suite, "provenance": json.loads(run["provenance_json"]),
             "rows": rows, "references": suite.get("references", []), "groups": worst_case_groups(store, rows, cell_ids)}
+    return data | {"curves": curves(data), "strips": strips(store, rows, cell_ids)}
+
+
+def _sweeps(data: dict, kind: str, param: str, fixed: tuple[str, str]) -> list[tuple[tuple, list]]:
+    """Cells whose `kind` components (defenses or attacks) differ only in params[param], grouped with
+    everything else (the `fixed` cell fields, plugin, gradient, other params) equal; only groups with
+    at least two values of param. Values are read from the stored resolved suite."""
+    specs = {c["id"]: c for c in data["suite"].get(kind, [])}
+    groups: dict[tuple, list] = {}
+    for r in data["rows"]:
+        spec = specs.get(r[kind[:-1]])
+        if r["robust"] is None or spec is None or not isinstance(spec.get("params", {}).get(param), (int, float)):
+            continue
+        rest = {k: v for k, v in spec.items() if k not in ("id", "description", "params")}
+        rest["params"] = {k: v for k, v in spec["params"].items() if k != param}
+        key = (*(r[f] for f in fixed), json.dumps(rest, sort_keys=True, default=str))
+        groups.setdefault(key, []).append((float(spec["params"][param]), r))
+    return [(k, sorted(v, key=lambda p: p[0])) for k, v in groups.items() if len({x for x, _ in v}) > 1]
+
+
+def curves(data: dict) -> list[dict]:
+    """The run's sweeps as chart data: accuracy against t* for defenses that differ only in t_star
+    (the paper's Figure 3; the same cell with the identity defense, if any, is t* = 0) and robust
+    accuracy against EOT samples for attacks that differ only in eot (Figure 6)."""
+    out = []
+    plugin = {d["id"]: d["plugin"] for d in data["suite"].get("defenses", [])}
+    undefended = {(r["classifier"], r["attack"]): r for r in data["rows"]
+                  if r["robust"] is not None and plugin.get(r["defense"]) == "identity"}
+    for (clf, attack, _), cells in _sweeps(data, "defenses", "t_star", ("classifier", "attack")):
+        if (clf, attack) in undefended:   # t* = 0: no purification
+            cells = [(0.0, undefended[clf, attack]), *cells]
+        out.append({"kind": "t_star", "title": f"{clf} · {attack}: accuracy vs t*", "x_label": "t*",
+                    "cells": [r["key"] for _, r in cells],
+                    "series": [{"label": "standard", "points": [(t, r["clean"].mean) for t, r in cells]},
+                               {"label": f"robust ({attack})", "points": [(t, r["robust"].mean) for t, r in cells]}]})
+    for (clf, defense, _), cells in _sweeps(data, "attacks", "eot", ("classifier", "defense")):
+        out.append({"kind": "eot", "title": f"{clf} · {defense}: robust accuracy vs EOT samples", "x_label": "EOT samples",
+                    "cells": [r["key"] for _, r in cells],
+                    "series": [{"label": f"robust ({', '.join(dict.fromkeys(r['attack'] for _, r in cells))})",
+                                "points": [(n, r["robust"].mean) for n, r in cells]}]})
+    return out
+
+
+def strips(store: Store, rows: list[dict], cell_ids: dict) -> list[dict]:
+    """Stored purification frames (see evaluate.strip_samples) per cell, one row per image, with the
+    image's label and in how many evaluation repeats it stayed correct under attack (all variants)."""
+    out = []
+    for r in rows:
+        samples = store.samples(cell_ids[r["key"]])
+        if not samples:
+            continue
+        verdicts: dict[int, tuple[int, list[str]]] = {}
+        for e in store.examples(cell_ids[r["key"]]):
+            verdicts.setdefault(e["image_index"], (e["label"], []))[1].append(e["adv_flags"])
+        images: dict[int, list] = {}
+        for s in samples:
+            images.setdefault(s["image_index"], []).append((s["kind"], bytes(s["png"])))
+        strip = []
+        for idx, frames in images.items():
+            label, flags = verdicts.get(idx, (None, []))
+            robust = sum(all(f[k] == "1" for f in flags) for k in range(len(flags[0]))) if flags else None
+            strip.append({"index": idx, "label": label, "robust": robust, "repeats": len(flags[0]) if flags else 0,
+                          "frames": [png for _, png in frames]})
+        out.append({"key": r["key"], "kinds": [k for k, _ in images[next(iter(images))]], "images": strip})
+    return out
 
 
 def worst_case_groups(store: Store, rows: list[dict], cell_ids: dict) -> list[dict]:
@@ -111,6 +178,7 @@ def as_json(data: dict) -> dict:
             "cells": [{k: (acc(v) if k in ("clean", "robust") else v) for k, v in r.items() if k != "per_variant"}
                       | {"per_variant": {k: acc(v) for k, v in r["per_variant"].items()}} for r in data["rows"]],
             "worst_case": [{**g, "clean": acc(g["clean"]), "robust": acc(g["robust"])} for g in data["groups"]],
+            "curves": data.get("curves", []),
             "references": data["references"]}
 
 
@@ -120,6 +188,9 @@ def environment() -> jinja2.Environment:
     env = jinja2.Environment(loader=jinja2.FileSystemLoader(str(TEMPLATES)),
                              autoescape=jinja2.select_autoescape(["html", "xml"]), undefined=jinja2.StrictUndefined)
     env.filters["acc"] = _fmt
+    env.filters["chart"] = lambda c: markupsafe.Markup(plots.line_chart(
+        c["series"], title=c["title"], x_label=c["x_label"], y_label="accuracy (%)", y_range=(0, 100)))
+    env.filters["png_uri"] = lambda b: "data:image/png;base64," + base64.b64encode(b).decode()
     env.filters["tojson_pretty"] = lambda v: json.dumps(v, indent=2, sort_keys=True, default=str)
     get_plugin_manager().hook.prepare_jinja2_environment(env=env)
     return env
@@ -127,5 +198,79 @@ def environment() -> jinja2.Environment:
 
 def render_html(data: dict, path: Path) -> Path:
     page = environment().get_template("leaderboard.html").render(data=data, escape=html.escape)
+    path.write_text(page)
+    return path
+
+
+# ------------------------------------------------------------------ index across runs
+
+def index(parent: Path) -> dict:
+    """Every run folder (results.sqlite) under parent: its latest run's summary, and, for suites
+    run with several seeds into different folders, each complete cell's robust accuracy as mean ±
+    sample std (ddof=1) across seeds (one run per seed: the most recent)."""
+    import numpy as np
+
+    runs = []
+    for db in sorted(Path(parent).rglob("results.sqlite")):
+        store = Store(db)
+        try:
+            data = collect(store)
+        finally:
+            store.close()
+        if data["run"] is None:
+            continue
+        robust = {r["key"]: r["robust"].mean for r in data["rows"] if r["complete"] and r["robust"] is not None and r["n"]}
+        best = max(robust.items(), key=lambda kv: kv[1], default=None)
+        runs.append({"dir": db.parent, "suite": data["run"]["suite_name"], "seed": data["suite"].get("seed"),
+                     "started": data["run"]["started"], "status": data["run"]["status"], "cells": len(data["rows"]),
+                     "best": best and {"key": best[0], "robust": best[1]}, "robust": robust,
+                     "page": db.parent / "leaderboard.html" if (db.parent / "leaderboard.html").is_file() else None})
+    by_suite: dict[str, dict] = {}
+    for r in sorted(runs, key=lambda r: r["started"]):
+        by_suite.setdefault(r["suite"], {})[r["seed"]] = r   # later runs of a seed replace earlier ones
+    seeds = []
+    for suite, per_seed in by_suite.items():
+        if len(per_seed) < 2:
+            continue
+        per_seed = dict(sorted(per_seed.items()))
+        keys = dict.fromkeys(k for r in per_seed.values() for k in r["robust"])
+        cells = []
+        for key in keys:
+            values = [r["robust"][key] for r in per_seed.values() if key in r["robust"]]
+            if len(values) >= 2:
+                cells.append({"key": key, "n": len(values), "values": values,
+                              "mean": float(np.mean(values)), "std": float(np.std(values, ddof=1))})
+        seeds.append({"suite": suite, "seeds": list(per_seed), "cells": cells})
+    return {"parent": str(parent), "runs": runs, "seeds": seeds}
+
+
+def _when(ts: float) -> str:
+    import time
+    return time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(ts))
+
+
+def index_table(idx: dict, fmt: str = "table") -> str:
+    if fmt == "json":
+        plain = [{k: (str(v) if isinstance(v, Path) else v) for k, v in r.items()} for r in idx["runs"]]
+        return json.dumps({"runs": plain, "seeds": idx["seeds"]}, indent=2)
+    rows = [[str(r["dir"]), r["suite"], r["seed"], _when(r["started"]), r["status"], r["cells"],
+             "-" if not r["best"] else f"{r['best']['robust']:.2f} ({r['best']['key']})"] for r in idx["runs"]]
+    headers = ["folder", "suite", "seed", "started", "status", "cells", "best robust %"]
+    seed_rows = [[s["suite"], c["key"], c["n"], f"{c['mean']:.2f} ± {c['std']:.2f}"] for s in idx["seeds"] for c in s["cells"]]
+    seed_headers = ["suite", "cell", "seeds", "robust % mean ± std"]
+    if fmt == "csv":
+        buf = io.StringIO()
+        csv.writer(buf).writerows([headers, *rows])
+        return buf.getvalue()
+    out = tabulate(rows, headers=headers, tablefmt="simple")
+    return out + ("\n\n" + tabulate(seed_rows, headers=seed_headers, tablefmt="simple") if seed_rows else "")
+
+
+def render_index(idx: dict, path: Path) -> Path:
+    import os
+    from urllib.parse import quote
+
+    link = lambda p: None if p is None else quote(os.path.relpath(p, path.resolve().parent))
+    page = environment().get_template("index.html").render(idx=idx, when=_when, link=link)
     path.write_text(page)
     return path

@@ -1,0 +1,200 @@
+"""The leaderboard's visuals: SVG sweep charts, purification strips, the index across runs, and the
+page rendered in headless Chromium."""
+from __future__ import annotations
+
+import base64
+import json
+import re
+import shutil
+import sqlite3
+import struct
+import subprocess
+import xml.etree.ElementTree as ET
+
+import numpy as np
+import pytest
+
+from benchkit import plots, png
+from benchkit.cli import main
+from conftest import ROOT, write
+
+ARTIFACTS = ROOT / "test-artifacts"
+
+# Two DiffPure defenses that differ only in t* and two attacks that differ only in eot: a t* curve
+# (Figure 3; the undefended cell is t* = 0) and an EOT curve (Figure 6) per group, and a
+# purification strip per DiffPure cell. Seconds on a CPU.
+DIGITS = f"""
+suite: visuals
+description: tiny DiffPure sweep for the rendering test
+include: [{ROOT}/suites/_base/digits.yaml]
+seed: 0
+dataset: {{plugin: digits, params: {{split: test, n: 8}}}}
+defenses:
+  - {{id: none, plugin: identity}}
+  - {{id: t0.05, plugin: diffpure, params: {{score_model: digits-unet, t_star: 0.05, dt: 0.01}}}}
+  - {{id: t0.1, plugin: diffpure, params: {{score_model: digits-unet, t_star: 0.1, dt: 0.01}}}}
+attacks:
+  - {{id: eot1, plugin: bpda-eot, params: {{eps: 0.3, steps: 2, step_size: 0.1, eot: 1}}}}
+  - {{id: eot2, plugin: bpda-eot, params: {{eps: 0.3, steps: 2, step_size: 0.1, eot: 2}}}}
+cells:
+  - {{classifier: cnn, defense: none, attack: eot1}}
+  - {{classifier: cnn, defense: t0.05, attack: eot1}}
+  - {{classifier: cnn, defense: t0.1, attack: eot1}}
+  - {{classifier: cnn, defense: t0.05, attack: eot2}}
+  - {{classifier: cnn, defense: t0.1, attack: eot2}}
+eval: {{batch_size: 8, repeats: 2}}
+checks: {{enabled: [robust-le-clean]}}
+"""
+
+
+@pytest.fixture(scope="module")
+def digits_run(tmp_path_factory):
+    from benchkit import plugins, registry
+
+    plugins.reset_plugin_manager()
+    registry.reset()
+    tmp = tmp_path_factory.mktemp("visuals")
+    assert main(["run", str(write(tmp / "visuals.yaml", DIGITS)), "--out", str(tmp / "run")]) == 0
+    yield tmp / "run"
+    plugins.reset_plugin_manager()
+    registry.reset()
+
+
+def test_line_chart_draws_every_point_and_escapes_labels():
+    svg = plots.line_chart([{"label": "<script>alert(1)</script>", "points": [(0.1, 50), (0.05, 40), (0.3, 90)]},
+                            {"label": "a & b", "points": [(0.1, 20), (0.2, 30)], "dash": True}],
+                           title='t* "sweep" <b>', x_label="t*", y_label="acc", y_range=(0, 100))
+    root = ET.fromstring(svg)                    # well-formed XML
+    ns = "{http://www.w3.org/2000/svg}"
+    assert len(root.findall(f".//{ns}circle[@class='point']")) == 5
+    assert "<script>" not in svg and "&lt;script&gt;alert(1)&lt;/script&gt;" in svg
+    assert "a &amp; b" in svg and "<b>" not in svg
+    # points are joined in x order; ticks are round numbers covering the data
+    line = root.findall(f".//{ns}polyline")[0].get("points").split()
+    assert [float(p.split(",")[0]) for p in line] == sorted(float(p.split(",")[0]) for p in line)
+    assert plots.nice_ticks(0.05, 0.3) == [0.05, 0.1, 0.15, 0.2, 0.25, 0.3]
+    assert plots.nice_ticks(1, 2, integer=True) == [1, 2]
+    assert plots.line_chart([]) == ""
+
+
+def test_curves_follow_the_suite_params(digits_run):
+    from benchkit import report
+    from benchkit.store import Store
+
+    data = report.collect(Store(digits_run / "results.sqlite"))
+    by_kind = {}
+    for c in data["curves"]:
+        by_kind.setdefault(c["kind"], []).append(c)
+    assert len(by_kind["t_star"]) == 2 and len(by_kind["eot"]) == 2     # one per attack, one per defense
+    t = next(c for c in by_kind["t_star"] if c["title"].startswith("cnn · eot1"))
+    rows = {r["key"]: r for r in data["rows"]}
+    for series, acc in zip(t["series"], ("clean", "robust")):
+        assert series["points"] == [(t_star, rows[f"cnn/{d}/eot1"][acc].mean) for t_star, d in
+                                    ((0.0, "none"), (0.05, "t0.05"), (0.1, "t0.1"))]
+    assert len(next(c for c in by_kind["t_star"] if c["title"].startswith("cnn · eot2"))["series"][0]["points"]) == 2
+    e = next(c for c in by_kind["eot"] if "t0.1" in c["title"])
+    assert [x for x, _ in e["series"][0]["points"]] == [1.0, 2.0]
+    html = (digits_run / "leaderboard.html").read_text()
+    assert html.count('<svg xmlns="http://www.w3.org/2000/svg" class="chart"') == 4
+    assert html.count('class="point"') == 2 * 3 + 2 * 2 + 2 * 2         # t*: 2 series x (3, 2) points; eot: 2 x 2
+
+
+def test_strips_are_stored_with_the_shard_and_decode_to_the_image_size(digits_run):
+    db = sqlite3.connect(digits_run / "results.sqlite")
+    assert ("0002_samples",) in db.execute("SELECT name FROM migrations").fetchall()
+    rows = db.execute("SELECT c.key, s.image_index, s.frame, s.kind, s.png FROM samples s JOIN cells c ON c.id = s.cell_id "
+                      "ORDER BY 1, 2, 3").fetchall()
+    assert len(rows) == 4 * 4 * 5                     # DiffPure cells x first 4 images x frames (identity: none)
+    kinds = [k for key, i, _, k, _ in rows if key == "cnn/t0.1/eot1" and i == 0]
+    assert kinds == ["adversarial", "diffused (t*)", "mid-way", "purified", "clean"]
+    frames = {(key, i, k): png.decode(bytes(b)) for key, i, _, k, b in rows}
+    assert {a.shape for a in frames.values()} == {(8, 8, 1)}
+    f = lambda k: frames[("cnn/t0.1/eot1", 0, k)].astype(int)
+    assert np.abs(f("diffused (t*)") - f("adversarial")).mean() > 1   # noise was added, then removed
+    assert not np.array_equal(f("purified"), f("adversarial"))
+    # the page embeds the same images
+    html = (digits_run / "leaderboard.html").read_text()
+    uris = re.findall(r'<img class="frame" src="data:image/png;base64,([^"]+)"', html)
+    assert len(uris) == 80
+    assert {png.decode(base64.b64decode(u)).shape for u in uris} == {(8, 8, 1)}
+
+
+def test_no_strips_for_defenses_without_a_trajectory(tmp_path, plugin_manager):
+    from benchkit import registry
+    from test_run import SUITE, LocalPlugin
+
+    plugin_manager.register(LocalPlugin(), name="local")
+    registry.reset()
+    assert main(["run", str(write(tmp_path / "s.yaml", SUITE)), "--out", str(tmp_path / "o")]) == 0
+    db = sqlite3.connect(tmp_path / "o" / "results.sqlite")
+    assert db.execute("SELECT count(*) FROM samples").fetchone()[0] == 0
+    assert "Purification" not in (tmp_path / "o" / "leaderboard.html").read_text()
+
+
+def test_index_across_runs_with_mean_and_std_over_seeds(tmp_path, plugin_manager, capsys):
+    from benchkit import registry
+    from test_run import SUITE, LocalPlugin
+
+    plugin_manager.register(LocalPlugin(), name="local")
+    registry.reset()
+    runs = tmp_path / "runs"
+    for seed in (3, 4, 5):
+        text = SUITE.replace("seed: 3", f"seed: {seed}")
+        assert main(["run", str(write(tmp_path / f"s{seed}.yaml", text)), "--out", str(runs / f"seed{seed}")]) == 0
+    write(tmp_path / "other.yaml", SUITE.replace("suite: blobs", "suite: other"))
+    assert main(["run", str(tmp_path / "other.yaml"), "--out", str(runs / "nested" / "other")]) == 0
+    capsys.readouterr()
+    robust = {}
+    for seed in (3, 4, 5):
+        assert main(["report", str(runs / f"seed{seed}"), "--format", "json"]) == 0
+        for c in json.loads(capsys.readouterr().out)["cells"]:
+            robust.setdefault(c["key"], []).append(c["robust"]["mean"])
+    assert main(["report", "--index", str(runs), "--format", "json", "--html", str(tmp_path / "index.html")]) == 0
+    idx = json.loads(capsys.readouterr().out)
+    assert [(r["suite"], r["seed"], r["cells"]) for r in idx["runs"]] == [
+        ("other", 3, 4), ("blobs", 3, 4), ("blobs", 4, 4), ("blobs", 5, 4)]
+    assert [s["suite"] for s in idx["seeds"]] == ["blobs"] and idx["seeds"][0]["seeds"] == [3, 4, 5]
+    cells = {c["key"]: c for c in idx["seeds"][0]["cells"]}
+    assert set(cells) == set(robust)
+    for key, values in robust.items():
+        assert cells[key]["mean"] == pytest.approx(np.mean(values))
+        assert cells[key]["std"] == pytest.approx(np.std(values, ddof=1))
+    jitter = robust["near/jitter/fgsm"]
+    page = (tmp_path / "index.html").read_text()
+    assert f"{np.mean(jitter):.2f} ± {np.std(jitter, ddof=1):.2f}" in page
+    assert 'href="runs/seed4/leaderboard.html"' in page and 'href="runs/nested/other/leaderboard.html"' in page
+    assert main(["report", "--index", str(tmp_path / "empty")]) == 2
+    assert main(["report"]) == 2
+    assert "give a run folder DIR or --index" in capsys.readouterr().err
+
+
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                  "--enable-logging=stderr", "--v=0"]
+
+
+def test_leaderboard_renders_in_headless_chromium(digits_run, tmp_path):
+    chromium = shutil.which("chromium")
+    if chromium is None:
+        pytest.skip("chromium is not installed (apt-get install -y chromium; .ci/run installs it when it can)")
+    ARTIFACTS.mkdir(exist_ok=True)
+    shot = ARTIFACTS / "leaderboard.png"
+    shot.unlink(missing_ok=True)
+    url = (digits_run / "leaderboard.html").resolve().as_uri()
+
+    def chrome(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([chromium, *CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'profile'}", *args, url],
+                              capture_output=True, text=True, timeout=60)
+
+    dom = chrome("--dump-dom")
+    assert dom.returncode == 0, dom.stderr[-2000:]
+    console = [line for line in dom.stderr.splitlines() if ":CONSOLE" in line]
+    assert console == []                                          # no script errors or console messages
+    page = dom.stdout
+    assert '<table id="leaderboard">' in page and page.count("<tr>") >= 4
+    assert page.count("<svg") == 4 and page.count('class="point"') == 14
+    assert page.count('<img class="frame"') == 80
+    assert "cnn/t0.1/eot2" in page and "accuracy vs t*" in page
+    run = chrome(f"--screenshot={shot}", "--window-size=1280,2000")
+    assert run.returncode == 0 and shot.is_file(), run.stderr[-2000:]
+    assert struct.unpack(">II", shot.read_bytes()[16:24]) == (1280, 2000)     # IHDR width, height
