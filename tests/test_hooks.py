@@ -50,7 +50,7 @@ def test_disable_and_load_only(monkeypatch):
         monkeypatch.delenv("BENCHKIT_DISABLE_PLUGINS")
         monkeypatch.setenv("BENCHKIT_LOAD_PLUGINS", "data")
         plugins.reset_plugin_manager()
-        assert [e.id for e in registry.get("datasets")] == ["cifar10", "digits"]
+        assert [e.id for e in registry.get("datasets")] == ["celebahq", "cifar10", "digits", "imagenet"]
         assert list(registry.get("defenses")) == []
     finally:
         plugins.reset_plugin_manager()
