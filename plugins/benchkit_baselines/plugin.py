@@ -1,4 +1,4 @@
-"""Registers the baseline defenses."""
+"""Registers the baseline defenses: no defense and the generative purifiers of DiffPure's Table 5a."""
 from __future__ import annotations
 
 from benchkit.defended import Identity
@@ -9,3 +9,25 @@ from benchkit.hookspecs import hookimpl
 def register_defenses(register):
     register("identity", lambda params: Identity(),
              description="No defense: the undefended ('static') classifier of the paper's tables")
+
+
+@hookimpl
+def register_classifiers(register):
+    from benchkit_baselines.robustbench import RobustBenchParams, robustbench_assets, robustbench_classifier
+
+    register("robustbench", robustbench_classifier, params=RobustBenchParams, assets=robustbench_assets,
+             description="Any RobustBench model zoo entry by name / dataset / threat model, loaded offline "
+                         "with robustbench's load_model (extra: pip install -e '.[robustbench]')")
+
+    from benchkit_baselines import attribute_net, imagenet_models as im
+
+    register("imagenet-torchvision", im.torchvision_classifier, params=im.TorchvisionParams, assets=im.torchvision_assets,
+             description="torchvision ResNet-50 / WRN-50-2 with the IMAGENET1K_V1 weights from BENCHKIT_HOME/imagenet "
+                         "(DiffPure Table 3); normalises inside (extra: pip install -e '.[robustbench]')")
+    register("deit-s", im.deit_s_classifier, params=im.DeiTParams, assets=im.deit_assets,
+             description="DeiT-S (timm deit_small_patch16_224) with the DeiT release weights from BENCHKIT_HOME/imagenet "
+                         "(DiffPure Table 3); normalises inside (extra: pip install -e '.[robustbench]')")
+    register("celebahq-attribute", attribute_net.attribute_classifier, params=attribute_net.AttributeParams,
+             assets=attribute_net.attribute_assets,
+             description="gan-ensembling's CelebA-HQ attribute classifier for one attribute (DiffPure Tables 5a / 12): "
+                         "256x256 [0,1] images -> 2 logits (1 = attribute present)")
