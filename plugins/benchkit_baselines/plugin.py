@@ -4,15 +4,28 @@ from __future__ import annotations
 from benchkit.defended import Identity
 from benchkit.hookspecs import hookimpl
 
+from benchkit_baselines.gan import GANInversionParams, make_gan_inversion
+from benchkit_baselines.vae import VAEParams, make_vae
+
 
 @hookimpl
 def register_defenses(register):
     register("identity", lambda params: Identity(),
              description="No defense: the undefended ('static') classifier of the paper's tables")
+    register("vae", make_vae, params=VAEParams,
+             description="VAE purification decode(encode(x)) with the digits VAE (benchkit_zoo, shipped)")
+    register("gan-inversion", make_gan_inversion, params=GANInversionParams,
+             description="GAN-inversion purification G(z*), z* by encoder, optimisation or both "
+                         "(digits GAN + encoder, benchkit_zoo, shipped)")
 
 
 @hookimpl
 def register_classifiers(register):
+    from benchkit_baselines.cifar_resnet import pyautoattack_resnet18
+
+    register("cifar10-resnet18", lambda params: pyautoattack_resnet18(),
+             description="CIFAR-10 ResNet-18 shipped inside pyautoattack (standard training, 93.7% on the first "
+                         "1,000 test images): a real CIFAR-10 classifier on any machine")
     from benchkit_baselines.robustbench import RobustBenchParams, robustbench_assets, robustbench_classifier
 
     register("robustbench", robustbench_classifier, params=RobustBenchParams, assets=robustbench_assets,

@@ -16,7 +16,8 @@ from torch import nn
 
 from benchkit.errors import MissingAsset
 
-from benchkit_zoo import recipes
+from benchkit_zoo import recipes, recipes_baselines
+from benchkit_zoo.generative import DigitsGANEncoder, DigitsGenerator, DigitsVAE
 from benchkit_zoo.nets import DigitsCNN, DigitsUNet
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
@@ -56,6 +57,42 @@ CATALOG: dict[str, ZooEntry] = {
             recipe=recipes.train_digits_unet,
             description="DigitsUNet noise predictor eps(x, 999 t) (254k params, EMA weights), continuous "
             "VP-SDE denoising score matching on the digits train split; input [-1,1] 1x8x8.",
+        ),
+        ZooEntry(
+            name="digits-cnn-at",
+            builder=DigitsCNN,
+            filename="digits_cnn_at.safetensors",
+            sha256="309be16d7e6b2998f013faa109be323a495a8a6b2d8ef64d5b9fdb2f6bea9ff1",
+            recipe=recipes_baselines.train_digits_cnn_at,
+            description="DigitsCNN adversarially trained (Madry PGD-10, Linf 0.2) on the digits train split; "
+            "input [0,1] 1x8x8, 10 logits.",
+        ),
+        ZooEntry(
+            name="digits-vae",
+            builder=DigitsVAE,
+            filename="digits_vae.safetensors",
+            sha256="dfc4a33fba519c871b426e8c3569e1ad11e1ec39e7299932a56d642d65da7258",
+            recipe=recipes_baselines.train_digits_vae,
+            description="DigitsVAE (128k params, 16-dim latent, beta 0.5) on the digits train split; "
+            "[0,1] 1x8x8 in and out.",
+        ),
+        ZooEntry(
+            name="digits-gan",
+            builder=DigitsGenerator,
+            filename="digits_gan.safetensors",
+            sha256="9968d32c628e6df697c947229e5ef4271c9a8029a3f102ef8b28b019294a0f12",
+            recipe=recipes_baselines.train_digits_gan,
+            description="DigitsGenerator (109k params, EMA weights) of a hinge-loss SN-GAN on the digits train "
+            "split; z ~ N(0, I_32) -> [0,1] 1x8x8.",
+        ),
+        ZooEntry(
+            name="digits-gan-encoder",
+            builder=DigitsGANEncoder,
+            filename="digits_gan_encoder.safetensors",
+            sha256="9db4097c40a58f7a5d3f3653c78633de6045a27759349716ba385ff9d1c21fc8",
+            recipe=recipes_baselines.train_digits_gan_encoder,
+            description="DigitsGANEncoder (56k params) inverting the shipped digits-gan generator: [0,1] 1x8x8 "
+            "-> 32-dim latent.",
         ),
     )
 }

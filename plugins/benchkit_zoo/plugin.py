@@ -16,6 +16,9 @@ def _load(name: str):
 def register_classifiers(register):
     register("digits-cnn", lambda params: _load("digits-cnn"),
              description="Small CNN trained on the digits train split (benchkit_zoo recipe, shipped weights)")
+    register("digits-cnn-at", lambda params: _load("digits-cnn-at"),
+             description="The digits CNN adversarially trained with PGD at Linf 0.2 (Madry et al. 2018; "
+                         "benchkit_zoo recipe, shipped weights)")
 
 
 def _zoo(args: argparse.Namespace) -> int:
