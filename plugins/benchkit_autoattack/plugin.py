@@ -25,12 +25,20 @@ class AutoAttackParams(Params):
     versions: list[Literal["standard", "rand"]] = Field(default_factory=lambda: ["standard"], min_length=1)
     eot: int = Field(20, ge=1, description="EOT iterations of the rand version's APGD (AutoAttack: 20)")
     n_queries: int = Field(5000, ge=1, description="Square attack queries in the standard version")
+    n_iter: int = Field(100, ge=1, description="iterations of APGD, APGD-T and FAB (AutoAttack: 100)")
+
+
+def _set_apgd_iterations(apgd, n: int) -> None:
+    """APGD derives its step-size checkpoints from n_iter when built; keep them consistent."""
+    apgd.n_iter = apgd.n_iter_orig = n
+    apgd.n_iter_2, apgd.n_iter_min, apgd.size_decr = max(int(0.22 * n), 1), max(int(0.06 * n), 1), max(int(0.03 * n), 1)
 
 
 class AutoAttackVersion(Attack):
-    def __init__(self, norm: str, eps: float, version: str, eot: int, n_queries: int):
+    def __init__(self, norm: str, eps: float, version: str, eot: int, n_queries: int, n_iter: int = 100):
         self.threat = make_threat(norm, eps)
         self.norm, self.eps, self.version, self.eot, self.n_queries = norm, eps, version, eot, n_queries
+        self.n_iter = n_iter
 
     def run(self, model: DefendedModel, x: torch.Tensor, y: torch.Tensor, ctx: AttackContext) -> AttackResult:
         from pyautoattack import AutoAttack
@@ -42,13 +50,17 @@ class AutoAttackVersion(Attack):
         if self.version == "rand":
             adversary.apgd.eot_iter = self.eot
         adversary.square.n_queries = self.n_queries
+        if self.n_iter != 100:
+            for apgd in (adversary.apgd, adversary.apgd_targeted):
+                _set_apgd_iterations(apgd, self.n_iter)
+            adversary.fab.n_iter = self.n_iter
         x_adv, _ = adversary.run_standard_evaluation(x, y, batch_size=ctx.batch_size)
         return AttackResult(x_adv.detach())
 
 
 class AutoAttackSuite(Attack):
     def __init__(self, p: AutoAttackParams):
-        self.versions = [(v, AutoAttackVersion(p.norm, p.eps, v, p.eot, p.n_queries)) for v in p.versions]
+        self.versions = [(v, AutoAttackVersion(p.norm, p.eps, v, p.eot, p.n_queries, p.n_iter)) for v in p.versions]
         self.threat = make_threat(p.norm, p.eps)
 
     def variants(self):

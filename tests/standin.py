@@ -1,0 +1,271 @@
+"""Stand-in assets for running a paper suite end to end on CPU: the suite's merged dict patched
+generically (small data under a temporary root, a small score model of the same family with random
+weights, attacks shrunk to a few steps), and random-weight classifiers saved in their published file
+formats where the plugins look (a temporary BENCHKIT_HOME). Used by test_paper_suites_standin.py."""
+from __future__ import annotations
+
+import copy
+import json
+import pickle
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+
+from conftest import SHARED
+
+REF = SHARED / "reference"
+CIFAR_NPZ = SHARED / "data" / "cifar10_test_first1017.npz"
+N_DATA = 4                     # images per stand-in dataset (the run uses --limit 2)
+MAX_CLASSIFIER_PARAMS = 40e6   # larger robustbench entries (WRN-70-16) are swapped for a ResNet-18
+SHRINK = {"steps": 2, "eot": 2, "n_queries": 8, "n_iter": 2}
+# Dataset plugin -> (what it needs installed, image side of its tensors)
+DATASET_NEEDS = {"cifar10": (), "imagenet": ("robustbench", "PIL"), "celebahq": ("PIL",)}
+CLASSIFIER_NEEDS = {"robustbench": ("robustbench",), "imagenet-torchvision": ("torchvision",),
+                    "deit-s": ("timm",), "celebahq-attribute": (), "cifar10-resnet18": ()}
+
+
+def needs(raw: dict) -> set[str]:
+    mods = set(DATASET_NEEDS[raw["dataset"]["plugin"]])
+    for c in raw["classifiers"]:
+        mods |= set(CLASSIFIER_NEEDS[c["plugin"]])
+    return mods
+
+
+# ---------------------------------------------------------------- data in the on-disk formats
+
+def write_cifar10(root: Path) -> None:
+    """The shared test images as cifar-10-batches-py/test_batch (the pickle format)."""
+    d = np.load(CIFAR_NPZ)
+    (root / "cifar-10-batches-py").mkdir(parents=True)
+    batch = {b"batch_label": b"testing batch 1 of 1", b"labels": d["y"].tolist(),
+             b"data": d["x"].reshape(len(d["y"]), -1), b"filenames": [b"x.png"] * len(d["y"])}
+    with open(root / "cifar-10-batches-py" / "test_batch", "wb") as f:
+        pickle.dump(batch, f, protocol=2)
+
+
+def write_imagenet(root: Path, params: dict) -> None:
+    """val/<wnid>/<file>.JPEG for exactly the images the plugin will select."""
+    from PIL import Image
+
+    from benchkit_data.imagenet import selected
+
+    for i, (rel, _) in enumerate(selected(params.get("n"), params.get("subset_seed"))):
+        path = root / "val" / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        img = np.random.RandomState(i).randint(0, 256, (240 + 16 * i, 256, 3), dtype=np.uint8)
+        Image.fromarray(img).save(path, quality=90)
+
+
+def write_celebahq(root: Path, params: dict) -> None:
+    """DiffPure's layout: images/<CelebA name>.png plus CelebA's attribute and partition files,
+    for a handful of faces (the dataset then needs allow_partial)."""
+    from PIL import Image
+
+    from benchkit_data.celebahq import ATTRIBUTES
+
+    split = {"train": 0, "val": 1, "test": 2}[params.get("split", "val")]
+    names = [f"{i:06d}.jpg" for i in range(1, 2 * N_DATA + 1)]
+    rng = np.random.RandomState(0)
+    root.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i, n in enumerate(names):
+        vals = ["1" if (i + j) % 2 else "-1" for j in range(len(ATTRIBUTES))]
+        rows.append(f"{n} " + " ".join(f"{v:>2}" for v in vals))
+    (root / "list_attr_celeba.txt").write_text(f"{len(names)}\n" + " ".join(ATTRIBUTES) + "\n" + "\n".join(rows) + "\n")
+    # half the faces in the suite's split, the rest in another one
+    (root / "list_eval_partition.txt").write_text(
+        "".join(f"{n} {split if i % 2 == 0 else (split + 1) % 3}\n" for i, n in enumerate(names)))
+    (root / "images").mkdir()
+    for n in names:
+        Image.fromarray(rng.randint(0, 256, (256, 256, 3), dtype=np.uint8)).save(root / "images" / n.replace(".jpg", ".png"))
+
+
+def patch_dataset(ds: dict, root: Path) -> None:
+    params = ds.setdefault("params", {})
+    params["root"] = str(root)
+    params["n"] = N_DATA
+    plugin = ds["plugin"]
+    if plugin == "cifar10":
+        write_cifar10(root)
+    elif plugin == "imagenet":
+        write_imagenet(root, params)
+    elif plugin == "celebahq":
+        params["allow_partial"] = True
+        write_celebahq(root, params)
+    else:
+        raise AssertionError(f"no stand-in for dataset plugin {plugin!r}")
+
+
+# ---------------------------------------------------------------- score models
+
+def small_config(name: str) -> dict:
+    return json.loads((REF / f"{name}_small_config.json").read_text())
+
+
+def score_checkpoint(model: str, size: int, out: Path) -> dict:
+    """A random-weight score model of the suite's family at resolution `size`, saved in the published
+    file layout; returns the diffpure plugin's score_params for it."""
+    torch.manual_seed(0)
+    if model == "ddpmpp":
+        from benchkit_diffpure.architectures.ncsnpp import NCSNpp
+
+        config = small_config("ncsnpp_cifar10")
+        config["data"]["image_size"] = size
+        net = NCSNpp.from_config(config)
+        names = [n for n, _ in net.named_parameters()]
+        state = net.state_dict()
+        ckpt = {"model": {f"module.{k}": torch.zeros_like(v) for k, v in state.items()},
+                "ema": {"decay": 0.9999, "num_updates": 1, "shadow_params": [state[n] for n in names]}, "step": 1}
+        path = out / f"ddpmpp_{size}.pth"  # score_sde's checkpoint_8.pth layout
+        torch.save(ckpt, path)
+    elif model == "adm":
+        from benchkit_diffpure.architectures.guided_unet import GuidedUNet
+
+        config = small_config("guided_unet_imagenet256")
+        config["image_size"] = size
+        config.pop("derived", None)
+        net = GuidedUNet.from_config(config)
+        path = out / f"adm_{size}.pt"  # guided-diffusion's bare state dict
+        torch.save(net.state_dict(), path)
+    elif model == "ddpm":
+        from benchkit_diffpure.architectures.ddpm_unet import DDPMUNet
+
+        config = small_config("ddpm_unet_celebahq")
+        config["data"]["image_size"] = size
+        net = DDPMUNet.from_config(config)
+        path = out / f"ddpm_{size}.ckpt"  # SDEdit's celeba_hq.ckpt: a bare state dict
+        torch.save(net.state_dict(), path)
+    else:
+        raise AssertionError(f"no stand-in for score model {model!r}")
+    return {"path": str(path), "config": config}
+
+
+def patch_defense(d: dict, data_size: int, out: Path, cache: dict) -> None:
+    if d["plugin"] != "diffpure":
+        return
+    p = d["params"]
+    size = p.get("image_size") or data_size
+    key = (p["score_model"], size)
+    if key not in cache:
+        cache[key] = score_checkpoint(p["score_model"], size, out)
+    p["score_params"] = copy.deepcopy(cache[key])
+    p["dt"] = min(p.get("t_star", 0.1) / 2, 0.1)  # two solver steps (five at t* = 0.5: the plugin caps dt at 0.1)
+
+
+# ---------------------------------------------------------------- attacks
+
+def shrink(params: dict) -> None:
+    for k, v in params.items():
+        if k in SHRINK and isinstance(v, int):
+            params[k] = min(v, SHRINK[k])
+        elif isinstance(v, dict):
+            shrink(v)
+
+
+# ---------------------------------------------------------------- classifiers
+
+def patch_classifier(c: dict) -> None:
+    """Swap robustbench entries too large for CPU (WRN-70-16, 267M parameters) for the registered
+    cifar10-resnet18 (pyautoattack's shipped ResNet-18): same input/output contract, 1/500 the cost.
+    The rest keep their plugin and architecture; their random weights are written by write_classifiers."""
+    if c["plugin"] == "robustbench" and robustbench_params(c) > MAX_CLASSIFIER_PARAMS:
+        c["plugin"], c["params"] = "cifar10-resnet18", {}
+        c["description"] = f"stand-in for {c['id']} (too large for a CPU test)"
+
+
+def _zoo(params: dict):
+    from benchkit_baselines.robustbench import _alias_autoattack
+
+    _alias_autoattack()
+    from robustbench.model_zoo import model_dicts
+    from robustbench.model_zoo.enums import BenchmarkDataset, ThreatModel
+
+    return model_dicts[BenchmarkDataset(params.get("dataset", "cifar10"))][ThreatModel(params.get("threat_model", "Linf"))][params["name"]]
+
+
+def robustbench_params(c: dict) -> int:
+    with torch.device("meta"):
+        model = _zoo(c["params"])["model"]()
+    return sum(p.numel() for p in model.parameters())
+
+
+def _randomize_bn(model: torch.nn.Module) -> torch.nn.Module:
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.running_mean is not None:
+                m.running_mean.normal_(0, 0.1)
+                m.running_var.uniform_(0.5, 1.5)
+    return model.eval()
+
+
+def write_classifier(plugin: str, params: dict, path: Path) -> None:
+    torch.manual_seed(0)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if plugin == "robustbench":
+        state = _randomize_bn(_zoo(params)["model"]()).state_dict()
+        torch.save({"state_dict": {f"module.{k}": v for k, v in state.items()}}, path)  # DataParallel checkpoint
+    elif plugin == "imagenet-torchvision":
+        import torchvision
+
+        torch.save(_randomize_bn(getattr(torchvision.models, params["arch"])()).state_dict(), path)
+    elif plugin == "deit-s":
+        import timm
+
+        net = timm.create_model("deit_small_patch16_224", pretrained=False)
+        torch.save({"model": net.state_dict()}, path)  # the DeiT release format
+    elif plugin == "celebahq-attribute":
+        from benchkit_baselines.attribute_net import AttributeNet
+
+        net = AttributeNet(256)
+        with torch.no_grad():
+            for p in net.parameters():
+                p.normal_(0, 1)  # equalised learning rate: N(0, 1) weights, scaled at run time
+        torch.save({"state_dict": net.state_dict(), "epoch": 1}, path)
+    else:
+        raise AssertionError(f"no stand-in weights for classifier plugin {plugin!r} ({path})")
+
+
+def write_classifiers(suite_path: Path) -> None:
+    """Every file the suite's classifiers declare, written with random weights where declared."""
+    from benchkit.assets import suite_assets
+    from benchkit.suite import load_suite
+
+    suite = load_suite(suite_path)
+    for where, _, path in suite_assets(suite, str(suite_path)):
+        kind = where.rsplit(": ", 1)[1]
+        if not kind.startswith("classifiers[") or path.exists():
+            continue
+        comp = suite.classifiers[int(kind[len("classifiers["):-1])]
+        write_classifier(comp.plugin, dict(comp.params), path)
+
+
+# ---------------------------------------------------------------- the whole suite
+
+DATA_SIZE = {"cifar10": 32, "imagenet": 224, "celebahq": 256}
+
+
+def standin_suite(raw: dict, tmp: Path) -> Path:
+    """Patch a suite's merged dict to stand-in assets under tmp; returns the patched YAML's path.
+    BENCHKIT_HOME must already point at a temporary folder (classifier weights are written there)."""
+    raw = copy.deepcopy(raw)
+    raw.pop("include", None)
+    patch_dataset(raw["dataset"], tmp / "data")
+    size = DATA_SIZE[raw["dataset"]["plugin"]]
+    (tmp / "score").mkdir()
+    cache: dict = {}
+    for c in raw["classifiers"]:
+        patch_classifier(c)
+    for d in raw["defenses"]:
+        patch_defense(d, size, tmp / "score", cache)
+    for a in raw["attacks"]:
+        if a["plugin"] == "autoattack":  # APGD/FAB iterations default to AutoAttack's 100
+            a.setdefault("params", {})["n_iter"] = SHRINK["n_iter"]
+        shrink(a.setdefault("params", {}))
+    raw["eval"] = {**raw.get("eval", {}), "repeats": 2, "device": "cpu", "batch_size": 2}
+    raw["checks"] = {**raw.get("checks", {}), "subset": 2}
+    path = tmp / f"{raw['suite']}.yaml"
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    write_classifiers(path)
+    return path

@@ -1,0 +1,76 @@
+"""Every paper suite runs end to end on CPU with stand-in assets (issue 6): the suite's own YAML,
+patched generically by tests/standin.py (a few images in the dataset's on-disk format, random-weight
+classifiers of the same architecture family where the plugins look, a small random score model of
+the same family, two solver steps, attacks shrunk to a couple of steps / EOT samples / queries),
+run through `benchkit run --limit 2 --device cpu`. Every cell must store its 2 examples and the
+leaderboard must be written. Suites needing the robustbench extra (robustbench, torchvision, timm,
+Pillow) skip without it. The slow ones (AutoAttack standard on many cells, 224-256 px inputs) are
+marked slow: run them with `-m slow`."""
+from __future__ import annotations
+
+import importlib.util
+import sqlite3
+
+import pytest
+import torch
+
+from benchkit.cli import main
+from benchkit.suite import load_raw
+from conftest import ROOT
+import standin
+
+torch.set_num_threads(1)
+
+PAPER = sorted([*ROOT.glob("suites/cifar10_*.yaml"), ROOT / "suites" / "imagenet_linf_aa.yaml",
+                *ROOT.glob("suites/celebahq_bpda*.yaml")])
+# Fast (one thread, 2 shared cores): cifar10_diffusion_only ~5 s, transfer ~13 s, bpda ~32 s, pgd_exact ~33 s.
+# Slow: AutoAttack standard (APGD/FAB iteration counts fixed by pyautoattack) on WRN-28-10 runs for minutes
+# per cell (cifar10_advtrain_plus_diffpure was still running after 8 min); the CelebA-HQ suites (256 px,
+# t* = 0.4/0.5 -> 4-5 solver steps, dt capped at 0.1) took > 6 min. Not yet confirmed to pass.
+SLOW = {"cifar10_advtrain_plus_diffpure", "cifar10_l2_aa", "cifar10_linf_aa", "cifar10_random_tstar",
+        "cifar10_samplers", "cifar10_square", "cifar10_tstar", "cifar10_unseen", "cifar10_eot",
+        "imagenet_linf_aa", "celebahq_bpda", "celebahq_bpda_smiling"}
+
+
+def _param(path):
+    marks = [pytest.mark.slow] if path.stem in SLOW else []
+    return pytest.param(path, id=path.stem, marks=marks)
+
+
+def test_every_paper_suite_is_covered():
+    names = {p.stem for p in PAPER}
+    assert len(names) == 16 and "imagenet_linf_aa" in names and "celebahq_bpda_smiling" in names
+
+
+@pytest.mark.skipif(not standin.CIFAR_NPZ.is_file(), reason=f"{standin.CIFAR_NPZ} not found")
+@pytest.mark.parametrize("path", [_param(p) for p in PAPER])
+def test_suite_runs_end_to_end_on_standin_assets(path, tmp_path, monkeypatch, plugin_manager, capsys):
+    raw = load_raw(path)
+    for mod in sorted(standin.needs(raw)):
+        if importlib.util.find_spec(mod) is None:
+            pytest.skip(f"needs {mod} (pip install -e '.[robustbench]')")
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.setenv("BENCHKIT_HOME", str(home))
+    suite_yaml = standin.standin_suite(raw, tmp_path)
+    out = tmp_path / "out"
+
+    rc = main(["run", str(suite_yaml), "--out", str(out), "--limit", "2", "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert rc == 0, err[-4000:]
+    assert (out / "leaderboard.html").is_file()
+
+    db = sqlite3.connect(out / "results.sqlite")
+    cells = db.execute("SELECT id, key, variants_json FROM cells").fetchall()
+    n_cells = len(raw["cells"]) if "cells" in raw else len(raw["classifiers"]) * len(raw["defenses"]) * len(raw["attacks"])
+    assert len(cells) == n_cells
+    assert db.execute("SELECT COUNT(*) FROM failures").fetchone()[0] == 0
+    for cell_id, key, _ in cells:
+        rows = db.execute("SELECT image_index, variant, clean_flags, adv_flags FROM examples WHERE cell_id = ?",
+                          (cell_id,)).fetchall()
+        assert {r[0] for r in rows} == {0, 1}, key
+        per_variant = {}
+        for image, variant, clean, adv in rows:
+            per_variant.setdefault(variant, set()).add(image)
+            assert 1 <= len(clean) == len(adv) <= 2, (key, clean, adv)  # eval.repeats: 2 (1 if deterministic)
+        assert all(images == {0, 1} for images in per_variant.values()), (key, per_variant)
