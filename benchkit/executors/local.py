@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from benchkit import checks
 from benchkit.evaluate import CellFailure, Components, evaluate_shard
 from benchkit.store import Store
-from benchkit.suite import Cell, Suite
+from benchkit.suite import Cell, Suite, stable_hash
 
 
 @dataclass
@@ -53,7 +53,6 @@ def plan(suite: Suite, cells: list[Cell], comps: Components, store: Store, limit
     for cell in cells:
         attack = comps.attacks[cell.attack.id]
         config = cell.config(suite) | {"n_images": n}
-        from benchkit.suite import stable_hash
         cell_id = store.ensure_cell(cell.key, stable_hash(config), cell.classifier.id, cell.defense.id,
                                     cell.attack.id, config, [v for v, _ in attack.variants()], n, len(shards),
                                     suite.eval.repeats)
