@@ -14,6 +14,16 @@ torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 
 @pytest.fixture
+def one_thread():
+    """One intra-op thread for modules of many tiny ops: on a shared 2-core machine a second
+    thread only adds synchronisation (measured up to 25x slower)."""
+    prev = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(prev)
+
+
+@pytest.fixture
 def plugin_manager(monkeypatch):
     """The host's plugin manager, rebuilt for this test; plugins registered on it are forgotten after."""
     from benchkit import plugins

@@ -74,13 +74,7 @@ def _train_tiny_cnn(x: Tensor, y: Tensor) -> nn.Module:
     return model
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # These tensors are tiny: on a shared 2-core machine extra intra-op threads only add contention.
-    prev = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(prev)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="session")

@@ -62,14 +62,7 @@ def grid(x: torch.Tensor, nrow: int = 8, scale: int = 4) -> torch.Tensor:
     return out.repeat_interleave(scale, 0).repeat_interleave(scale, 1)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # The latent optimisation is hundreds of tiny ops: on a busy 2-core machine a second thread
-    # only adds synchronisation (measured 25x slower with 2).
-    prev = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(prev)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
