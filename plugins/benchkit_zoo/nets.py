@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from benchkit_diffpure.architectures.embedding import timestep_embedding
+from benchkit_diffpure.architectures.layers import timestep_embedding
 
 
 class DigitsCNN(nn.Module):

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from benchkit_diffpure.architectures.embedding import timestep_embedding
+from benchkit_diffpure.architectures.layers import timestep_embedding
 
 
 def _norm(channels: int) -> nn.GroupNorm:

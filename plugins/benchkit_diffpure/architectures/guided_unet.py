@@ -11,10 +11,9 @@ import math
 from typing import Any, Mapping, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from benchkit_diffpure.architectures.embedding import timestep_embedding
+from benchkit_diffpure.architectures.layers import resample, timestep_embedding
 
 # guided-diffusion's script_util picks these when channel_mult is the empty string.
 DEFAULT_CHANNEL_MULT: dict[int, tuple[float, ...]] = {
@@ -79,20 +78,12 @@ class ResBlock(nn.Module):
             nn.Identity() if out_channels == channels else nn.Conv2d(channels, out_channels, 1)
         )
 
-    def _resample(self, x: Tensor) -> Tensor:
-        # Upstream's parameter-free Upsample/Downsample (use_conv=False).
-        if self.up:
-            return F.interpolate(x, scale_factor=2, mode="nearest")
-        if self.down:
-            return F.avg_pool2d(x, kernel_size=2, stride=2)
-        return x
-
     def forward(self, x: Tensor, emb: Tensor) -> Tensor:
         # Resampling sits between the activation and the conv of in_layers, and is applied
         # to the skip path too, so the two branches meet at the new resolution.
         h = self.in_layers[:-1](x)
-        h = self.in_layers[-1](self._resample(h))
-        x = self._resample(x)
+        h = self.in_layers[-1](resample(h, self.up, self.down))
+        x = resample(x, self.up, self.down)
         scale, shift = self.emb_layers(emb).type(h.dtype)[..., None, None].chunk(2, dim=1)
         h = self.out_layers[0](h) * (1 + scale) + shift
         h = self.out_layers[1:](h)

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from benchkit_diffpure.architectures.embedding import timestep_embedding
+from benchkit_diffpure.architectures.layers import resample, timestep_embedding
 
 __all__ = ["NCSNpp", "load_score_sde_checkpoint"]
 
@@ -135,16 +135,9 @@ class ResnetBlockBigGAN(nn.Module):
         self.down = down
         self.skip_rescale = skip_rescale
 
-    def _resample(self, x: Tensor) -> Tensor:
-        if self.up:
-            return F.interpolate(x, scale_factor=2, mode="nearest")
-        if self.down:
-            return F.avg_pool2d(x, kernel_size=2, stride=2)
-        return x
-
     def forward(self, x: Tensor, temb: Tensor | None) -> Tensor:
-        h = self._resample(F.silu(self.GroupNorm_0(x)))
-        x = self._resample(x)
+        h = resample(F.silu(self.GroupNorm_0(x)), self.up, self.down)
+        x = resample(x, self.up, self.down)
         h = self.Conv_0(h)
         if temb is not None:
             h = h + self.Dense_0(F.silu(temb))[:, :, None, None]

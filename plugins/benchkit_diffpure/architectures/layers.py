@@ -1,4 +1,5 @@
-"""The sinusoidal time embedding every score network here uses, in its two published layouts."""
+"""Pieces the score networks share: the sinusoidal time embedding (in its two published layouts)
+and the parameter-free up/down resampling of residual blocks."""
 from __future__ import annotations
 
 import math
@@ -23,3 +24,12 @@ def timestep_embedding(t: Tensor, dim: int, *, max_period: float = 10000.0, guid
     parts = (torch.cos(args), torch.sin(args)) if guided else (torch.sin(args), torch.cos(args))
     emb = torch.cat(parts, dim=1)
     return F.pad(emb, (0, 1)) if dim % 2 else emb
+
+
+def resample(x: Tensor, up: bool, down: bool) -> Tensor:
+    """Nearest-neighbour 2x upsampling or 2x2 average pooling (upstream's use_conv=False / fir=False)."""
+    if up:
+        return F.interpolate(x, scale_factor=2, mode="nearest")
+    if down:
+        return F.avg_pool2d(x, kernel_size=2, stride=2)
+    return x
