@@ -62,13 +62,12 @@ def verify_sha256(path: str | Path, expected: str) -> None:
         raise MissingAsset(f"{path}: sha256 mismatch (expected {expected}, got {actual}); the file is corrupt or not the published one")
 
 
-def load_state_dict(path: str | Path, sha256: str | None = None) -> dict[str, torch.Tensor]:
-    """A state dict from safetensors or a torch file, never executing pickled code."""
+def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """A state dict from safetensors or a torch file, never executing pickled code (checksums are
+    checked where the file is located: Asset.require)."""
     path = Path(path)
     if not path.is_file():
         raise MissingAsset(f"missing file {path}")
-    if sha256:
-        verify_sha256(path, sha256)
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
         return load_file(str(path))

@@ -37,6 +37,8 @@ class Components:
     attacks: dict[str, Attack]
     device: torch.device
     defense_gradients: dict[str, str | None] = field(default_factory=dict)
+    # Clean verdicts per (classifier/defense, shard indices): every attack of a group shares them.
+    clean_flags: dict[tuple[str, tuple[int, ...]], list[str]] = field(default_factory=dict)
 
     def defended(self, cell: Cell) -> DefendedModel:
         purifier = self.defenses[cell.defense.id]
@@ -177,10 +179,14 @@ def evaluate_shard(suite: Suite, cell: Cell, comps: Components, indices: Sequenc
     model = comps.defended(cell)
     reps = (repeats or suite.eval.repeats) if model.stochastic else 1
     group = f"{cell.classifier.id}/{cell.defense.id}"
-    # Clean verdicts depend on (classifier, defense, image) only: identical across attacks.
-    clean = [_classify(model, x, y, [derive_seed(suite.seed, group, i, "clean", r) for i in indices], bs)
-             for r in range(reps)]
-    clean_flags = _flags(clean)
+    # Clean verdicts depend on (classifier, defense, image) only: identical across attacks, so
+    # they are computed once per shard of a group.
+    key = (group, tuple(indices))
+    if key not in comps.clean_flags:
+        comps.clean_flags[key] = _flags(
+            [_classify(model, x, y, [derive_seed(suite.seed, group, i, "clean", r) for i in indices], bs)
+             for r in range(reps)])
+    clean_flags = comps.clean_flags[key]
     attack = comps.attacks[cell.attack.id]
     ctx = AttackContext(device=device, seed=derive_seed(suite.seed, cell.key, indices[0]) % 2**31,
                         undefended=comps.classifiers[cell.classifier.id], batch_size=bs)

@@ -55,7 +55,8 @@ def summarise(rows: list) -> dict:
     """Clean and robust accuracy of one cell from its stored example rows.
 
     robust is the per-image worst case over the attack's variants (e.g. AutoAttack standard and
-    rand); per_variant keeps each variant's own numbers.
+    rand); per_variant keeps each variant's own numbers; robust_flags is that worst case per image
+    and repeat (bool [n_images, repeats]), for worst cases across cells.
     """
     by_variant: dict[str, dict[int, str]] = {}
     clean: dict[int, str] = {}
@@ -67,5 +68,6 @@ def summarise(rows: list) -> dict:
     mats = {v: flags_matrix([by_variant[v][i] for i in images]) for v in variants}
     out = {"n": len(images), "clean": accuracy(flags_matrix([clean[i] for i in images])),
            "per_variant": {v: accuracy(m) for v, m in mats.items()}}
-    out["robust"] = accuracy(worst_case(list(mats.values()))) if mats else None
+    out["robust_flags"] = worst_case(list(mats.values())) if mats else None
+    out["robust"] = accuracy(out["robust_flags"]) if mats else None
     return out

@@ -129,14 +129,7 @@ def worst_case_groups(store: Store, rows: list[dict], cell_ids: dict) -> list[di
         if len(ids) < 2:
             continue
         per_cell = [metrics.summarise(store.examples(i)) for i in ids]
-        mats = []
-        for i in ids:
-            ex = store.examples(i)
-            by_var: dict[str, dict[int, str]] = {}
-            for e in ex:
-                by_var.setdefault(e["variant"], {})[e["image_index"]] = e["adv_flags"]
-            images = sorted(next(iter(by_var.values())))
-            mats += [metrics.flags_matrix([v[j] for j in images]) for v in by_var.values()]
+        mats = [c["robust_flags"] for c in per_cell]
         if len({m.shape for m in mats}) != 1:
             continue
         out.append({"classifier": clf, "defense": dfn, "attacks": len(ids),

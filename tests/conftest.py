@@ -35,6 +35,16 @@ def plugin_manager(monkeypatch):
     plugins.reset_plugin_manager()
 
 
+def randomize_bn(model: torch.nn.Module) -> torch.nn.Module:
+    """Non-trivial batch-norm statistics (random weights alone leave mean 0 / var 1), eval mode."""
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.running_mean is not None:
+                m.running_mean.normal_(0, 0.1)
+                m.running_var.uniform_(0.5, 1.5)
+    return model.eval()
+
+
 def write(path: Path, text: str) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text)

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 import yaml
 
-from conftest import SHARED
+from conftest import SHARED, randomize_bn
 
 REF = SHARED / "reference"
 CIFAR_NPZ = SHARED / "data" / "cifar10_test_first1017.npz"
@@ -191,25 +191,16 @@ def robustbench_params(c: dict) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def _randomize_bn(model: torch.nn.Module) -> torch.nn.Module:
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.running_mean is not None:
-                m.running_mean.normal_(0, 0.1)
-                m.running_var.uniform_(0.5, 1.5)
-    return model.eval()
-
-
 def write_classifier(plugin: str, params: dict, path: Path) -> None:
     torch.manual_seed(0)
     path.parent.mkdir(parents=True, exist_ok=True)
     if plugin == "robustbench":
-        state = _randomize_bn(_zoo(params)["model"]()).state_dict()
+        state = randomize_bn(_zoo(params)["model"]()).state_dict()
         torch.save({"state_dict": {f"module.{k}": v for k, v in state.items()}}, path)  # DataParallel checkpoint
     elif plugin == "imagenet-torchvision":
         import torchvision
 
-        torch.save(_randomize_bn(getattr(torchvision.models, params["arch"])()).state_dict(), path)
+        torch.save(randomize_bn(getattr(torchvision.models, params["arch"])()).state_dict(), path)
     elif plugin == "deit-s":
         import timm
 

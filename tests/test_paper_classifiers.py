@@ -15,7 +15,7 @@ import torch
 
 from benchkit import registry
 from benchkit.errors import BadInput, MissingAsset
-from conftest import ROOT
+from conftest import ROOT, randomize_bn
 
 torch.set_num_threads(1)
 
@@ -28,15 +28,6 @@ def home(tmp_path, monkeypatch, plugin_manager):
 
 def build(id, params=None):
     return registry.get("classifiers").get(id).build(params or {})
-
-
-def randomize_bn(model: torch.nn.Module) -> torch.nn.Module:
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
-                m.running_mean.normal_(0, 0.1)
-                m.running_var.uniform_(0.5, 1.5)
-    return model.eval()
 
 
 def images(n, size, seed=1):

@@ -18,7 +18,7 @@ from robustbench.model_zoo.enums import BenchmarkDataset, ThreatModel  # noqa: E
 from benchkit import registry  # noqa: E402
 from benchkit.cli import main  # noqa: E402
 from benchkit.errors import BadInput, MissingAsset  # noqa: E402
-from conftest import write  # noqa: E402
+from conftest import randomize_bn, write  # noqa: E402
 
 torch.set_num_threads(1)
 
@@ -30,13 +30,7 @@ def zoo_model(name, dataset="cifar10", threat_model="Linf"):
 def random_model(name, dataset="cifar10", threat_model="Linf", seed=0):
     """The zoo architecture with seeded random weights and non-trivial batch-norm statistics."""
     torch.manual_seed(seed)
-    model = zoo_model(name, dataset, threat_model)["model"]()
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.running_mean is not None:
-                m.running_mean.normal_(0, 0.1)
-                m.running_var.uniform_(0.5, 1.5)
-    return model.eval()
+    return randomize_bn(zoo_model(name, dataset, threat_model)["model"]())
 
 
 def build(params):
