@@ -23,7 +23,8 @@ SHRINK = {"steps": 2, "eot": 2, "n_queries": 8, "n_iter": 2}
 # Dataset plugin -> (what it needs installed, image side of its tensors)
 DATASET_NEEDS = {"cifar10": (), "imagenet": ("robustbench", "PIL"), "celebahq": ("PIL",)}
 CLASSIFIER_NEEDS = {"robustbench": ("robustbench",), "imagenet-torchvision": ("torchvision",),
-                    "deit-s": ("timm",), "celebahq-attribute": (), "cifar10-resnet18": ()}
+                    "deit-s": ("timm",), "celebahq-attribute": (), "cifar10-resnet18": (),
+                    "diffpure-cifar10": ()}
 
 
 def needs(raw: dict) -> set[str]:
@@ -166,11 +167,17 @@ def shrink(params: dict) -> None:
 
 # ---------------------------------------------------------------- classifiers
 
+def too_large(c: dict) -> bool:
+    if c["plugin"] == "robustbench":
+        return robustbench_params(c) > MAX_CLASSIFIER_PARAMS
+    return c["plugin"] == "diffpure-cifar10" and c["params"]["arch"] == "wrn-70-16-dropout"
+
+
 def patch_classifier(c: dict) -> None:
-    """Swap robustbench entries too large for CPU (WRN-70-16, 267M parameters) for the registered
+    """Swap classifiers too large for CPU (the WRN-70-16s, 267M parameters) for the registered
     cifar10-resnet18 (pyautoattack's shipped ResNet-18): same input/output contract, 1/500 the cost.
     The rest keep their plugin and architecture; their random weights are written by write_classifiers."""
-    if c["plugin"] == "robustbench" and robustbench_params(c) > MAX_CLASSIFIER_PARAMS:
+    if too_large(c):
         c["plugin"], c["params"] = "cifar10-resnet18", {}
         c["description"] = f"stand-in for {c['id']} (too large for a CPU test)"
 
@@ -197,6 +204,11 @@ def write_classifier(plugin: str, params: dict, path: Path) -> None:
     if plugin == "robustbench":
         state = randomize_bn(_zoo(params)["model"]()).state_dict()
         torch.save({"state_dict": {f"module.{k}": v for k, v in state.items()}}, path)  # DataParallel checkpoint
+    elif plugin == "diffpure-cifar10":
+        from benchkit_baselines.diffpure_cifar import ARCHITECTURES
+
+        state = randomize_bn(ARCHITECTURES[params["arch"]]()).state_dict()
+        torch.save({f"module.{k}": v for k, v in state.items()}, path)  # DiffPure's DataParallel weights.pt
     elif plugin == "imagenet-torchvision":
         import torchvision
 

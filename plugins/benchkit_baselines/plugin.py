@@ -32,6 +32,12 @@ def register_classifiers(register):
              description="Any RobustBench model zoo entry by name / dataset / threat model, loaded offline "
                          "with robustbench's load_model (extra: pip install -e '.[robustbench]')")
 
+    from benchkit_baselines.diffpure_cifar import DiffPureCifarParams, diffpure_cifar_assets, diffpure_cifar_classifier
+
+    register("diffpure-cifar10", diffpure_cifar_classifier, params=DiffPureCifarParams, assets=diffpure_cifar_assets,
+             description="DiffPure's own standard-trained CIFAR-10 classifiers (Tables 1, 2, 4): WRN-70-16 with "
+                         "dropout 0.3 or ResNet-50, CIFAR mean/std inside, from BENCHKIT_HOME/diffpure/cifar10")
+
     from benchkit_baselines import attribute_net, imagenet_models as im
 
     register("imagenet-torchvision", im.torchvision_classifier, params=im.TorchvisionParams, assets=im.torchvision_assets,
