@@ -105,6 +105,13 @@ def small_config(name: str) -> dict:
     return json.loads((REF / f"{name}_small_config.json").read_text())
 
 
+def levels(size: int) -> list[int]:
+    """Channel multipliers that bring `size` down to 8x8 before the middle block: the small reference
+    configs stop at 16 // 2, which at 224-256 px would put self-attention over 16,384 positions."""
+    n = max(2, (size // 8).bit_length())
+    return [1] * (n - 1) + [2]
+
+
 def score_checkpoint(model: str, size: int, out: Path) -> dict:
     """A random-weight score model of the suite's family at resolution `size`, saved in the published
     file layout; returns the diffpure plugin's score_params for it."""
@@ -126,6 +133,7 @@ def score_checkpoint(model: str, size: int, out: Path) -> dict:
 
         config = small_config("guided_unet_imagenet256")
         config["image_size"] = size
+        config["channel_mult"] = ",".join(map(str, levels(size)))
         config.pop("derived", None)
         net = GuidedUNet.from_config(config)
         path = out / f"adm_{size}.pt"  # guided-diffusion's bare state dict
@@ -135,6 +143,7 @@ def score_checkpoint(model: str, size: int, out: Path) -> dict:
 
         config = small_config("ddpm_unet_celebahq")
         config["data"]["image_size"] = size
+        config["model"]["ch_mult"] = levels(size)
         net = DDPMUNet.from_config(config)
         path = out / f"ddpm_{size}.ckpt"  # SDEdit's celeba_hq.ckpt: a bare state dict
         torch.save(net.state_dict(), path)
