@@ -41,16 +41,20 @@ def cmd_run(args: argparse.Namespace) -> int:
     store = Store(out / "results.sqlite")
     cells = suite_mod.expand(suite)
     plans = local.plan(suite, cells, comps, store, args.limit)
+    split_plans = local.plan_split(suite, cells, comps, store, args.limit)
     suite_json = suite_mod.resolved_dict(suite)
     suite_hash = suite_mod.stable_hash(suite_json)
     prov = provenance.collect(device, suite_hash, suite.seed) | {
-        "cell_ids": {p.cell.key: p.cell_id for p in plans}, "limit": args.limit}
+        "cell_ids": {p.cell.key: p.cell_id for p in plans}, "split_ids": {p.key: p.group_id for p in split_plans},
+        "limit": args.limit}
     run_id = store.start_run(suite.suite, str(Path(args.suite).resolve()), suite_hash, suite_json, prov)
-    todo = sum(len(p.todo) for p in plans)
-    print(f"benchkit: {suite.suite}: {len(plans)} cells, {todo} shard(s) to compute "
-          f"({sum(len(p.shards) for p in plans) - todo} already stored) -> {out}", file=sys.stderr)
+    todo = sum(len(p.todo) for p in [*plans, *split_plans])
+    total = sum(len(p.shards) for p in [*plans, *split_plans])
+    split = f" + standard accuracy of {len(split_plans)} group(s) on the whole split" if split_plans else ""
+    print(f"benchkit: {suite.suite}: {len(plans)} cells{split}, {todo} shard(s) to compute "
+          f"({total - todo} already stored) -> {out}", file=sys.stderr)
     try:
-        failures = local.run(suite, plans, comps, store, run_id)
+        failures = local.run(suite, plans, comps, store, run_id, split_plans)
     except KeyboardInterrupt:
         store.finish_run(run_id, "interrupted")
         print("benchkit: interrupted; committed shards are kept, rerun to resume", file=sys.stderr)

@@ -39,6 +39,8 @@ class Components:
     defense_gradients: dict[str, str | None] = field(default_factory=dict)
     # Clean verdicts per (classifier/defense, shard indices): every attack of a group shares them.
     clean_flags: dict[tuple[str, tuple[int, ...]], list[str]] = field(default_factory=dict)
+    # The dataset's whole split, for standard accuracy on it (eval.clean_on: split); else None.
+    split: Dataset | None = None
 
     def defended(self, cell: Cell) -> DefendedModel:
         purifier = self.defenses[cell.defense.id]
@@ -78,6 +80,9 @@ def build_components(suite: Suite, path: str, device: torch.device) -> Component
         return None
 
     dataset = build("datasets", "dataset", suite.dataset.plugin, suite.dataset.params)
+    split = None
+    if suite.eval.clean_on == "split":
+        split = build("datasets", "dataset (eval.clean_on: split)", suite.dataset.plugin, {**suite.dataset.params, "n": None})
     classifiers = {c.id: build("classifiers", f"classifiers[{i}]", c.plugin, c.params) for i, c in enumerate(suite.classifiers)}
     defenses = {d.id: build("defenses", f"defenses[{i}]", d.plugin, d.params) for i, d in enumerate(suite.defenses)}
     attacks = {a.id: build("attacks", f"attacks[{i}]", a.plugin, a.params) for i, a in enumerate(suite.attacks)}
@@ -89,7 +94,7 @@ def build_components(suite: Suite, path: str, device: torch.device) -> Component
         raise BadInput(problems)
     return Components(dataset, {k: _freeze(v, device) for k, v in classifiers.items()},
                       {k: _freeze(v, device) for k, v in defenses.items()}, attacks, device,
-                      {d.id: d.gradient for d in suite.defenses})
+                      {d.id: d.gradient for d in suite.defenses}, split=split)
 
 
 def _classify(model: DefendedModel, x: Tensor, y: Tensor, seeds: list[int], batch_size: int) -> Tensor:
@@ -202,3 +207,20 @@ def evaluate_shard(suite: Suite, cell: Cell, comps: Components, indices: Sequenc
             rows.append((int(idx), variant, int(y[i]), clean_flags[i], adv_flags[i], float(distance[i])))
         stats.update({f"{variant}.{k}" if variant else k: v for k, v in result.stats.items()})
     return ShardResult(rows, stats, time.perf_counter() - t0, samples or [])
+
+
+def evaluate_split_shard(suite: Suite, classifier: str, defense: str, comps: Components,
+                         indices: Sequence[int]) -> ShardResult:
+    """Standard accuracy of (classifier, defense) on the whole split's images at `indices`:
+    rows (image_index, label, flags), `repeats` verdicts each for a stochastic defense."""
+    t0 = time.perf_counter()
+    x, y = comps.split.get(indices)
+    x, y = x.to(comps.device), y.to(comps.device)
+    purifier = comps.defenses[defense]
+    model = DefendedModel(comps.classifiers[classifier], purifier, gradient=default_gradient(purifier))
+    reps = suite.eval.repeats if model.stochastic else 1
+    group = f"{classifier}/{defense}"
+    flags = _flags([_classify(model, x, y, [derive_seed(suite.seed, group, i, "clean-split", r) for i in indices],
+                              suite.eval.batch_size) for r in range(reps)])
+    rows = [(int(idx), int(y[k]), flags[k]) for k, idx in enumerate(indices)]
+    return ShardResult(rows, {}, time.perf_counter() - t0)

@@ -28,7 +28,7 @@ def collect(store: Store, run_id: int | None = None) -> dict:
     """The rows of a run's leaderboard: every cell of its suite that has stored results."""
     run = store.latest_run() if run_id is None else store.db.execute("SELECT * FROM runs WHERE id=?", (run_id,)).fetchone()
     if run is None:
-        return {"run": None, "rows": [], "references": [], "groups": []}
+        return {"run": None, "rows": [], "references": [], "groups": [], "split": []}
     suite = json.loads(run["suite_json"])
     cell_ids = json.loads(run["provenance_json"]).get("cell_ids", {})
     rows = []
@@ -49,8 +49,9 @@ def collect(store: Store, run_id: int | None = None) -> dict:
             "status": "failed" if failures and not complete else ("done" if complete else "partial"),
             "seconds": sum(sh["seconds"] for sh in shards),
         })
-    data = {"run": dict(run), "suite": suite, "provenance": json.loads(run["provenance_json"]),
-            "rows": rows, "references": suite.get("references", []), "groups": worst_case_groups(store, rows, cell_ids)}
+    prov = json.loads(run["provenance_json"])
+    data = {"run": dict(run), "suite": suite, "provenance": prov, "rows": rows, "split": split_clean(store, prov),
+            "references": suite.get("references", []), "groups": worst_case_groups(store, rows, cell_ids)}
     return data | {"curves": curves(data), "strips": strips(store, rows, cell_ids)}
 
 
@@ -118,6 +119,19 @@ def strips(store: Store, rows: list[dict], cell_ids: dict) -> list[dict]:
     return out
 
 
+def split_clean(store: Store, provenance: dict) -> list[dict]:
+    """Standard accuracy per (classifier, defense) on the dataset's whole split (eval.clean_on: split)."""
+    out = []
+    for key, gid in provenance.get("split_ids", {}).items():
+        group = store.split_group(gid)
+        examples = store.split_examples(gid)
+        shards, seconds = store.split_seconds(gid)
+        out.append({"key": key, "classifier": group["classifier"], "defense": group["defense"], "n": len(examples),
+                    "n_expected": group["n_images"], "complete": shards == group["n_shards"], "seconds": seconds,
+                    "clean": metrics.accuracy(metrics.flags_matrix([e["flags"] for e in examples])) if examples else None})
+    return out
+
+
 def worst_case_groups(store: Store, rows: list[dict], cell_ids: dict) -> list[dict]:
     """Per (classifier, defense): robust only if an image survives every attack of the suite."""
     groups: dict[tuple, list[int]] = {}
@@ -149,6 +163,9 @@ def table(data: dict, fmt: str = "table") -> str:
     for g in data["groups"]:
         body.append([g["classifier"], g["defense"], f"worst of {g['attacks']} attacks", g["robust"].n, _fmt(g["clean"]),
                      _fmt(g["robust"]), f"{g['robust'].worst:.2f}", f"{g['robust'].majority:.2f}", ""])
+    for g in data.get("split", []):
+        body.append([g["classifier"], g["defense"], "none (whole split)", f"{g['n']}/{g['n_expected']}", _fmt(g["clean"]),
+                     "", "", "", "" if g["complete"] else "partial"])
     for ref in data["references"]:
         body.append([ref.get("classifier") or "", ref["defense"], f"{ref['attack']} (reference)", "",
                      "" if ref.get("standard") is None else f"{ref['standard']:.2f}",
@@ -171,6 +188,7 @@ def as_json(data: dict) -> dict:
             "cells": [{k: (acc(v) if k in ("clean", "robust") else v) for k, v in r.items() if k != "per_variant"}
                       | {"per_variant": {k: acc(v) for k, v in r["per_variant"].items()}} for r in data["rows"]],
             "worst_case": [{**g, "clean": acc(g["clean"]), "robust": acc(g["robust"])} for g in data["groups"]],
+            "clean_split": [{**g, "clean": acc(g["clean"])} for g in data.get("split", [])],
             "curves": data.get("curves", []),
             "references": data["references"]}
 

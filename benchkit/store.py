@@ -59,6 +59,28 @@ MIGRATIONS: list[tuple[str, str]] = [
         PRIMARY KEY (cell_id, image_index, frame)
     );
     """),
+    # Standard accuracy on the dataset's whole split (eval.clean_on: split), per (classifier,
+    # defense) group, sharded and resumable like the cells.
+    ("0003_split_clean", """
+    CREATE TABLE split_groups (
+        id INTEGER PRIMARY KEY, key TEXT NOT NULL, config_hash TEXT NOT NULL,
+        classifier TEXT NOT NULL, defense TEXT NOT NULL, config_json TEXT NOT NULL,
+        n_images INTEGER NOT NULL, n_shards INTEGER NOT NULL, repeats INTEGER NOT NULL,
+        UNIQUE (key, config_hash)
+    );
+    CREATE TABLE split_shards (
+        group_id INTEGER NOT NULL REFERENCES split_groups(id), shard INTEGER NOT NULL,
+        run_id INTEGER NOT NULL REFERENCES runs(id), n INTEGER NOT NULL, seconds REAL NOT NULL,
+        committed REAL NOT NULL,
+        PRIMARY KEY (group_id, shard)
+    );
+    CREATE TABLE split_examples (
+        group_id INTEGER NOT NULL REFERENCES split_groups(id), image_index INTEGER NOT NULL,
+        label INTEGER NOT NULL,
+        flags TEXT NOT NULL,         -- '1'/'0' per evaluation repeat: correct on the clean input
+        PRIMARY KEY (group_id, image_index)
+    );
+    """),
 ]
 
 
@@ -136,6 +158,42 @@ class Store:
                 " VALUES (?,?,?,?,?,?,?,?)",
                 (cell_id, shard, run_id, first_index, len({r[0] for r in rows}), seconds,
                  json.dumps(stats), time.time()))
+
+    def ensure_split_group(self, key: str, config_hash: str, classifier: str, defense: str, config: dict,
+                           n_images: int, n_shards: int, repeats: int) -> int:
+        row = self.db.execute("SELECT id FROM split_groups WHERE key=? AND config_hash=?", (key, config_hash)).fetchone()
+        if row:
+            return int(row[0])
+        with self.transaction():
+            cur = self.db.execute(
+                "INSERT INTO split_groups (key, config_hash, classifier, defense, config_json, n_images, n_shards,"
+                " repeats) VALUES (?,?,?,?,?,?,?,?)",
+                (key, config_hash, classifier, defense, json.dumps(config), n_images, n_shards, repeats))
+            return int(cur.lastrowid)
+
+    def committed_split_shards(self, group_id: int) -> set[int]:
+        return {r[0] for r in self.db.execute("SELECT shard FROM split_shards WHERE group_id=?", (group_id,))}
+
+    def commit_split_shard(self, group_id: int, shard: int, run_id: int, rows: Iterable[tuple], seconds: float) -> None:
+        """rows: (image_index, label, flags). All or nothing."""
+        rows = list(rows)
+        with self.transaction():
+            self.db.executemany("INSERT INTO split_examples (group_id, image_index, label, flags) VALUES (?,?,?,?)",
+                                [(group_id, *r) for r in rows])
+            self.db.execute("INSERT INTO split_shards (group_id, shard, run_id, n, seconds, committed) VALUES (?,?,?,?,?,?)",
+                            (group_id, shard, run_id, len(rows), seconds, time.time()))
+
+    def split_group(self, group_id: int) -> sqlite3.Row:
+        return self.db.execute("SELECT * FROM split_groups WHERE id=?", (group_id,)).fetchone()
+
+    def split_examples(self, group_id: int) -> list[sqlite3.Row]:
+        return list(self.db.execute("SELECT * FROM split_examples WHERE group_id=? ORDER BY image_index", (group_id,)))
+
+    def split_seconds(self, group_id: int) -> tuple[int, float]:
+        """(committed shards, seconds spent)."""
+        row = self.db.execute("SELECT COUNT(*), COALESCE(SUM(seconds), 0) FROM split_shards WHERE group_id=?",
+                              (group_id,)).fetchone()
+        return int(row[0]), float(row[1])
 
     def record_failure(self, cell_id: int, run_id: int, shard: int | None, message: str) -> None:
         with self.transaction():

@@ -54,6 +54,9 @@ class EvalSpec(_Strict):
     shard_size: int | None = Field(None, ge=1, description="images per committed shard (default batch_size)")
     repeats: int = Field(3, ge=1, description="re-evaluations of each final example with fresh randomness")
     device: str | None = None
+    clean_on: Literal["subset", "split"] = Field(
+        "subset", description="standard accuracy on the attacked images only, or also on the dataset's whole "
+                              "split (the dataset plugin rebuilt with n unset), as the paper reports it")
 
 
 class ReferenceSpec(_Strict):
@@ -118,7 +121,7 @@ class Cell:
     def config(self, suite: Suite) -> dict:
         """Everything that determines this cell's numbers (its hash keys the stored results)."""
         return {"dataset": suite.dataset.model_dump(), "seed": suite.seed,
-                "eval": {k: v for k, v in suite.eval.model_dump().items() if k != "device"},
+                "eval": {k: v for k, v in suite.eval.model_dump().items() if k not in ("device", "clean_on")},
                 "classifier": self.classifier.model_dump(exclude={"description"}),
                 "defense": self.defense.model_dump(exclude={"description"}),
                 "attack": self.attack.model_dump(exclude={"description"})}
@@ -212,6 +215,14 @@ def resolve_problems(suite: Suite, path: Path) -> list[str]:
             problems.extend(exc.problems)
 
     check("datasets", "dataset", suite.dataset.plugin, suite.dataset.params)
+    if suite.eval.clean_on == "split":
+        try:
+            fields = registry.get("datasets").get(suite.dataset.plugin).params.model_fields
+        except (BadInput, AttributeError):
+            fields = {"n": None}  # an unknown plugin is reported above
+        if "n" not in fields:
+            problems.append(f"{path}: eval.clean_on: 'split' needs a dataset plugin with an 'n' param "
+                            f"(unset for the whole split); '{suite.dataset.plugin}' has none")
     for kind in ("classifiers", "defenses", "attacks"):
         for i, comp in enumerate(getattr(suite, kind)):
             check(kind, f"{kind}[{i}]", comp.plugin, comp.params)

@@ -46,17 +46,26 @@ def write_cifar10(root: Path) -> None:
         pickle.dump(batch, f, protocol=2)
 
 
-def write_imagenet(root: Path, params: dict) -> None:
-    """val/<wnid>/<file>.JPEG for exactly the images the plugin will select."""
+def write_imagenet(root: Path, params: dict, whole_split: bool) -> None:
+    """val/<wnid>/<file>.JPEG for exactly the images the plugin will select; with whole_split, tiny
+    images for the rest of RobustBench's 5,000 (the plugin checks every file it lists)."""
     from PIL import Image
 
     from benchkit_data.imagenet import selected
 
-    for i, (rel, _) in enumerate(selected(params.get("n"), params.get("subset_seed"))):
+    chosen = selected(params.get("n"), params.get("subset_seed"))
+    for i, (rel, _) in enumerate(chosen):
         path = root / "val" / rel
         path.parent.mkdir(parents=True, exist_ok=True)
         img = np.random.RandomState(i).randint(0, 256, (240 + 16 * i, 256, 3), dtype=np.uint8)
         Image.fromarray(img).save(path, quality=90)
+    if whole_split:
+        tiny = Image.fromarray(np.full((8, 8, 3), 128, dtype=np.uint8))
+        for rel, _ in selected(None, None):
+            path = root / "val" / rel
+            if not path.exists():
+                path.parent.mkdir(parents=True, exist_ok=True)
+                tiny.save(path)
 
 
 def write_celebahq(root: Path, params: dict) -> None:
@@ -83,7 +92,7 @@ def write_celebahq(root: Path, params: dict) -> None:
         Image.fromarray(rng.randint(0, 256, (256, 256, 3), dtype=np.uint8)).save(root / "images" / n.replace(".jpg", ".png"))
 
 
-def patch_dataset(ds: dict, root: Path) -> None:
+def patch_dataset(ds: dict, root: Path, whole_split: bool = False) -> None:
     params = ds.setdefault("params", {})
     params["root"] = str(root)
     params["n"] = N_DATA
@@ -91,7 +100,7 @@ def patch_dataset(ds: dict, root: Path) -> None:
     if plugin == "cifar10":
         write_cifar10(root)
     elif plugin == "imagenet":
-        write_imagenet(root, params)
+        write_imagenet(root, params, whole_split)
     elif plugin == "celebahq":
         params["allow_partial"] = True
         write_celebahq(root, params)
@@ -263,7 +272,7 @@ def standin_suite(raw: dict, tmp: Path) -> Path:
     BENCHKIT_HOME must already point at a temporary folder (classifier weights are written there)."""
     raw = copy.deepcopy(raw)
     raw.pop("include", None)
-    patch_dataset(raw["dataset"], tmp / "data")
+    patch_dataset(raw["dataset"], tmp / "data", raw.get("eval", {}).get("clean_on") == "split")
     size = DATA_SIZE[raw["dataset"]["plugin"]]
     (tmp / "score").mkdir()
     cache: dict = {}

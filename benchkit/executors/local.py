@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 
 from benchkit import checks
-from benchkit.evaluate import CellFailure, Components, evaluate_shard
+from benchkit.evaluate import CellFailure, Components, evaluate_shard, evaluate_split_shard
 from benchkit.store import Store
 from benchkit.suite import Cell, Suite, stable_hash
 
@@ -18,6 +18,20 @@ class Plan:
     cell_id: int
     shards: list[list[int]]
     todo: list[int]
+
+
+@dataclass
+class SplitPlan:
+    """Standard accuracy of one (classifier, defense) group on the dataset's whole split."""
+    classifier: str
+    defense: str
+    group_id: int
+    shards: list[list[int]]
+    todo: list[int]
+
+    @property
+    def key(self) -> str:
+        return f"{self.classifier}/{self.defense}"
 
 
 class Progress:
@@ -61,10 +75,32 @@ def plan(suite: Suite, cells: list[Cell], comps: Components, store: Store, limit
     return plans
 
 
-def run(suite: Suite, plans: list[Plan], comps: Components, store: Store, run_id: int) -> list[str]:
-    """Returns the failure messages (empty when every cell succeeded)."""
+def plan_split(suite: Suite, cells: list[Cell], comps: Components, store: Store, limit: int | None) -> list[SplitPlan]:
+    """One group per (classifier, defense) of the cells, when eval.clean_on is 'split'."""
+    if comps.split is None:
+        return []
+    n = len(comps.split) if limit is None else min(limit, len(comps.split))
+    shards = shard_indices(n, suite.eval.shard_size or suite.eval.batch_size)
+    eval_config = {k: v for k, v in suite.eval.model_dump().items() if k not in ("device", "clean_on")}
+    plans = []
+    groups = {(c.classifier.id, c.defense.id): (c.classifier, c.defense) for c in cells}
+    for clf, dfn in groups.values():
+        config = {"dataset": suite.dataset.model_dump() | {"split_of": True}, "seed": suite.seed, "eval": eval_config,
+                  "classifier": clf.model_dump(exclude={"description"}),
+                  "defense": dfn.model_dump(exclude={"description"}), "n_images": n}
+        gid = store.ensure_split_group(f"{clf.id}/{dfn.id}", stable_hash(config), clf.id, dfn.id, config, n,
+                                       len(shards), suite.eval.repeats)
+        done = store.committed_split_shards(gid)
+        plans.append(SplitPlan(clf.id, dfn.id, gid, shards, [i for i in range(len(shards)) if i not in done]))
+    return plans
+
+
+def run(suite: Suite, plans: list[Plan], comps: Components, store: Store, run_id: int,
+        split_plans: list[SplitPlan] = ()) -> list[str]:
+    """Returns the failure messages (empty when every cell succeeded). The whole-split standard
+    accuracy groups run after the cells: the attacked numbers come first."""
     failures: list[str] = []
-    progress = Progress(sum(len(p.shards[i]) for p in plans for i in p.todo))
+    progress = Progress(sum(len(p.shards[i]) for p in [*plans, *split_plans] for i in p.todo))
     for p in plans:
         failed = False
         for i in p.todo:
@@ -81,6 +117,11 @@ def run(suite: Suite, plans: list[Plan], comps: Components, store: Store, run_id
             progress.update(len(p.shards[i]), p.cell.key)
         if not failed and (p.todo or not store.checks(p.cell_id)):
             store.save_checks(p.cell_id, run_id, checks.run_checks(suite, p.cell, p.cell_id, comps, store))
+    for sp in split_plans:
+        for i in sp.todo:
+            res = evaluate_split_shard(suite, sp.classifier, sp.defense, comps, sp.shards[i])
+            store.commit_split_shard(sp.group_id, i, run_id, res.rows, res.seconds)
+            progress.update(len(sp.shards[i]), f"{sp.key} (standard, whole split)")
     progress.close()
     _black_box_checks(plans, store, run_id)
     return failures
