@@ -5,7 +5,6 @@ one-line reason. A failed check does not change the numbers; it flags them in th
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -173,11 +172,11 @@ def gradient_correctness(suite, cell, comps, **ctx) -> CheckResult:
     return CheckResult("gradient-correctness", "pass", summary, nums)
 
 
-def run_checks(suite, cell, cell_id: int, comps, store) -> list[CheckResult]:
-    """Every enabled per-cell check; a check that itself fails is recorded as failed, never fatal."""
+def run_checks(suite, cell, comps, examples: list, shard_stats: list[dict]) -> list[CheckResult]:
+    """Every enabled per-cell check on a complete cell (its stored example rows and per-shard attack
+    stats); a check that itself fails is recorded as failed, never fatal."""
     enabled = suite.checks.enabled
-    summary = metrics.summarise(store.examples(cell_id))
-    shard_stats = [json.loads(s["stats_json"]) for s in store.shards(cell_id)]
+    summary = metrics.summarise(examples)
     ctx = {"suite": suite, "cell": cell, "comps": comps, "summary": summary, "shard_stats": shard_stats}
     results = []
     for name, fn in CHECKS.items():

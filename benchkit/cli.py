@@ -30,11 +30,16 @@ def cmd_run(args: argparse.Namespace) -> int:
     _require_assets(suite, args.suite)
     out = Path(args.out or Path("runs") / suite.suite)
     device = torch.device(args.device or suite.eval.device or "cpu")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise BadInput("--device cuda: no CUDA device is available on this machine")
     if args.executor == "ray":
-        raise BadInput("--executor ray: the ray executor is not available in this version; use --executor local")
-    comps = build_components(suite, args.suite, device)
+        from benchkit.executors import ray as executor
+
+        executor.import_ray()
+        # The tasks run on the cluster's devices; the driver only plans (and fails fast on missing files).
+        comps = build_components(suite, args.suite, torch.device("cpu"))
+    else:
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise BadInput("--device cuda: no CUDA device is available on this machine")
+        comps = build_components(suite, args.suite, device)
     if args.fresh and (out / "results.sqlite").exists():
         for suffix in ("", "-wal", "-shm"):
             (out / f"results.sqlite{suffix}").unlink(missing_ok=True)
@@ -46,7 +51,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     suite_hash = suite_mod.stable_hash(suite_json)
     prov = provenance.collect(device, suite_hash, suite.seed) | {
         "cell_ids": {p.cell.key: p.cell_id for p in plans}, "split_ids": {p.key: p.group_id for p in split_plans},
-        "limit": args.limit}
+        "limit": args.limit, "executor": args.executor}
     run_id = store.start_run(suite.suite, str(Path(args.suite).resolve()), suite_hash, suite_json, prov)
     todo = sum(len(p.todo) for p in [*plans, *split_plans])
     total = sum(len(p.shards) for p in [*plans, *split_plans])
@@ -54,7 +59,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     print(f"benchkit: {suite.suite}: {len(plans)} cells{split}, {todo} shard(s) to compute "
           f"({total - todo} already stored) -> {out}", file=sys.stderr)
     try:
-        failures = local.run(suite, plans, comps, store, run_id, split_plans)
+        if args.executor == "ray":
+            failures = executor.run(suite, plans, comps, store, run_id, split_plans, suite_path=args.suite, device=device)
+        else:
+            failures = local.run(suite, plans, comps, store, run_id, split_plans)
     except KeyboardInterrupt:
         store.finish_run(run_id, "interrupted")
         print("benchkit: interrupted; committed shards are kept, rerun to resume", file=sys.stderr)
@@ -229,7 +237,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run", help="run a suite (resumes from the output folder)")
     p.add_argument("suite")
     p.add_argument("--out", help="output folder (default runs/<suite name>)")
-    p.add_argument("--executor", choices=["local", "ray"], default="local")
+    p.add_argument("--executor", choices=["local", "ray"], default="local",
+                   help="local: this process; ray: (cell, shard) tasks on the Ray cluster at RAY_ADDRESS, else a local one")
     p.add_argument("--device", choices=["cpu", "cuda"])
     p.add_argument("--limit", type=int, help="only the first N images")
     p.add_argument("--fresh", action="store_true", help="discard stored results in the output folder")

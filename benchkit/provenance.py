@@ -29,6 +29,8 @@ def collect(device: torch.device, suite_hash: str, seed: int) -> dict:
         "git_commit": commit, "git_dirty": bool(status) if status is not None else None,
         "torch": torch.__version__, "python": platform.python_version(), "platform": platform.platform(),
         "device": str(device),
-        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        # With the ray executor the driver may have no GPU: the device then runs on the cluster.
+        "device_name": (torch.cuda.get_device_name(device) if torch.cuda.is_available() else "on the Ray cluster")
+                       if device.type == "cuda" else platform.processor() or "cpu",
         "suite_hash": suite_hash, "seed": seed,
     }

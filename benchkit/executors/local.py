@@ -1,6 +1,7 @@
 """Run every cell and shard in this process, committing each shard as it completes."""
 from __future__ import annotations
 
+import json
 import sys
 import time
 from dataclasses import dataclass
@@ -54,6 +55,12 @@ class Progress:
     def close(self) -> None:
         if self.tty:
             self.stream.write("\n")
+
+
+def stored_inputs(store: Store, cell_id: int) -> tuple[list[dict], list[dict]]:
+    """A cell's example rows and per-shard attack stats, as the checks read them."""
+    return ([dict(r) for r in store.examples(cell_id)],
+            [json.loads(s["stats_json"]) for s in store.shards(cell_id)])
 
 
 def shard_indices(n: int, size: int) -> list[list[int]]:
@@ -116,7 +123,7 @@ def run(suite: Suite, plans: list[Plan], comps: Components, store: Store, run_id
             store.commit_shard(p.cell_id, i, run_id, p.shards[i][0], res.rows, res.seconds, res.stats, res.samples)
             progress.update(len(p.shards[i]), p.cell.key)
         if not failed and (p.todo or not store.checks(p.cell_id)):
-            store.save_checks(p.cell_id, run_id, checks.run_checks(suite, p.cell, p.cell_id, comps, store))
+            store.save_checks(p.cell_id, run_id, checks.run_checks(suite, p.cell, comps, *stored_inputs(store, p.cell_id)))
     for sp in split_plans:
         for i in sp.todo:
             res = evaluate_split_shard(suite, sp.classifier, sp.defense, comps, sp.shards[i])
