@@ -27,8 +27,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     from benchkit.store import Store
 
     suite = suite_mod.load_suite(args.suite)
+    if args.seed is not None:  # error bars: the same suite under several seeds, one folder each
+        suite = suite.model_copy(update={"seed": args.seed})
     _require_assets(suite, args.suite)
-    out = Path(args.out or Path("runs") / suite.suite)
+    default_out = Path("runs") / suite.suite if args.seed is None else Path("runs") / suite.suite / f"seed{args.seed}"
+    out = Path(args.out or default_out)
     device = torch.device(args.device or suite.eval.device or "cpu")
     if args.executor == "ray":
         from benchkit.executors import ray as executor
@@ -241,6 +244,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="local: this process; ray: (cell, shard) tasks on the Ray cluster at RAY_ADDRESS, else a local one")
     p.add_argument("--device", choices=["cpu", "cuda"])
     p.add_argument("--limit", type=int, help="only the first N images")
+    p.add_argument("--seed", type=int, help="override the suite's seed (default output runs/<suite>/seed<N>; "
+                                            "`report --index runs/<suite>` then gives mean ± std over seeds)")
     p.add_argument("--fresh", action="store_true", help="discard stored results in the output folder")
     p.set_defaults(func=cmd_run)
     p = sub.add_parser("validate", help="resolve every plugin id and params; run nothing")

@@ -131,16 +131,20 @@ def test_no_strips_for_defenses_without_a_trajectory(tmp_path, plugin_manager):
     assert "Purification" not in (tmp_path / "o" / "leaderboard.html").read_text()
 
 
-def test_index_across_runs_with_mean_and_std_over_seeds(tmp_path, plugin_manager, capsys):
+def test_index_across_runs_with_mean_and_std_over_seeds(tmp_path, plugin_manager, capsys, monkeypatch):
     from benchkit import registry
     from test_run import SUITE, LocalPlugin
 
     plugin_manager.register(LocalPlugin(), name="local")
     registry.reset()
     runs = tmp_path / "runs"
-    for seed in (3, 4, 5):
-        text = SUITE.replace("seed: 3", f"seed: {seed}")
-        assert main(["run", str(write(tmp_path / f"s{seed}.yaml", text)), "--out", str(runs / f"seed{seed}")]) == 0
+    suite = write(tmp_path / "s.yaml", SUITE)   # seed: 3
+    assert main(["run", str(suite), "--out", str(runs / "seed3")]) == 0
+    assert main(["run", str(write(tmp_path / "s4.yaml", SUITE.replace("seed: 3", "seed: 4"))), "--out", str(runs / "seed4")]) == 0
+    monkeypatch.chdir(tmp_path)   # --seed without --out: runs/<suite>/seed<N>
+    assert main(["run", str(suite), "--seed", "5"]) == 0
+    (runs / "blobs" / "seed5").rename(runs / "seed5")
+    (runs / "blobs").rmdir()
     write(tmp_path / "other.yaml", SUITE.replace("suite: blobs", "suite: other"))
     assert main(["run", str(tmp_path / "other.yaml"), "--out", str(runs / "nested" / "other")]) == 0
     capsys.readouterr()
