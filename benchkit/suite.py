@@ -121,13 +121,18 @@ class Cell:
     def config(self, suite: Suite) -> dict:
         """Everything that determines this cell's numbers (its hash keys the stored results)."""
         return {"dataset": suite.dataset.model_dump(), "seed": suite.seed,
-                "eval": {k: v for k, v in suite.eval.model_dump().items() if k not in ("device", "clean_on")},
+                "eval": numbers_config(suite.eval),
                 "classifier": self.classifier.model_dump(exclude={"description"}),
                 "defense": self.defense.model_dump(exclude={"description"}),
                 "attack": self.attack.model_dump(exclude={"description"})}
 
     def config_hash(self, suite: Suite) -> str:
         return stable_hash(self.config(suite))
+
+
+def numbers_config(spec: EvalSpec) -> dict:
+    """The eval settings that change a cell's numbers (not where it runs, nor the extra split groups)."""
+    return {k: v for k, v in spec.model_dump().items() if k not in ("device", "clean_on")}
 
 
 def stable_hash(obj: Any) -> str:

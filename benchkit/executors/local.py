@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from benchkit import checks
 from benchkit.evaluate import CellFailure, Components, evaluate_shard, evaluate_split_shard
 from benchkit.store import Store
-from benchkit.suite import Cell, Suite, stable_hash
+from benchkit.suite import Cell, Suite, numbers_config, stable_hash
 
 
 @dataclass
@@ -88,11 +88,10 @@ def plan_split(suite: Suite, cells: list[Cell], comps: Components, store: Store,
         return []
     n = len(comps.split) if limit is None else min(limit, len(comps.split))
     shards = shard_indices(n, suite.eval.shard_size or suite.eval.batch_size)
-    eval_config = {k: v for k, v in suite.eval.model_dump().items() if k not in ("device", "clean_on")}
     plans = []
     groups = {(c.classifier.id, c.defense.id): (c.classifier, c.defense) for c in cells}
     for clf, dfn in groups.values():
-        config = {"dataset": suite.dataset.model_dump() | {"split_of": True}, "seed": suite.seed, "eval": eval_config,
+        config = {"dataset": suite.dataset.model_dump() | {"split_of": True}, "seed": suite.seed, "eval": numbers_config(suite.eval),
                   "classifier": clf.model_dump(exclude={"description"}),
                   "defense": dfn.model_dump(exclude={"description"}), "n_images": n}
         gid = store.ensure_split_group(f"{clf.id}/{dfn.id}", stable_hash(config), clf.id, dfn.id, config, n,
