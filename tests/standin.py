@@ -1,24 +1,29 @@
 """Stand-in assets for running a paper suite end to end on CPU: the suite's merged dict patched
 generically (small data under a temporary root, a small score model of the same family with random
 weights, attacks shrunk to a few steps), and random-weight classifiers saved in their published file
-formats where the plugins look (a temporary BENCHKIT_HOME). Used by test_paper_suites_standin.py."""
+formats where the plugins look (a temporary BENCHKIT_HOME), or, where the real architecture is too
+costly for AutoAttack on CPU, a tiny network of the same family (the `standin-classifier` plugin the
+test registers). Used by test_paper_suites_standin.py."""
 from __future__ import annotations
 
 import copy
 import json
 import pickle
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
 import yaml
 
+from benchkit.hookspecs import hookimpl
+from benchkit.params import Params
 from conftest import SHARED, randomize_bn
 
 REF = SHARED / "reference"
 CIFAR_NPZ = SHARED / "data" / "cifar10_test_first1017.npz"
 N_DATA = 4                     # images per stand-in dataset (the run uses --limit 2)
-MAX_CLASSIFIER_PARAMS = 40e6   # larger robustbench entries (WRN-70-16) are swapped for a ResNet-18
+MAX_CLASSIFIER_PARAMS = 2e6    # larger robustbench entries are swapped for a tiny net of their family
 SHRINK = {"steps": 2, "eot": 2, "n_queries": 8, "n_iter": 2}
 # Dataset plugin -> (what it needs installed, image side of its tensors)
 DATASET_NEEDS = {"cifar10": (), "imagenet": ("robustbench", "PIL"), "celebahq": ("PIL",)}
@@ -185,19 +190,70 @@ def shrink(params: dict) -> None:
 
 # ---------------------------------------------------------------- classifiers
 
-def too_large(c: dict) -> bool:
-    if c["plugin"] == "robustbench":
-        return robustbench_params(c) > MAX_CLASSIFIER_PARAMS
-    return c["plugin"] == "diffpure-cifar10" and c["params"]["arch"] == "wrn-70-16-dropout"
+class StandinParams(Params):
+    family: Literal["wideresnet", "resnet", "torchvision-resnet", "vit"]
+    num_classes: int = 10
+
+
+def standin_classifier(p: StandinParams) -> torch.nn.Module:
+    """A tiny random-weight network of the family, seeded (eval mode, non-trivial BN statistics)."""
+    torch.manual_seed(0)
+    if p.family == "wideresnet":
+        from benchkit_baselines.cifar_wideresnet import WideResNet
+
+        net = WideResNet(10, 1, num_classes=p.num_classes)
+    elif p.family == "resnet":
+        from benchkit_baselines.cifar_resnet import CifarResNet
+
+        net = CifarResNet((1, 1, 1, 1), bottleneck=True, num_classes=p.num_classes)
+    elif p.family == "torchvision-resnet":
+        from torchvision.models.resnet import BasicBlock, ResNet
+
+        net = ResNet(BasicBlock, [1, 1, 1, 1], num_classes=p.num_classes)
+    else:
+        from timm.models.vision_transformer import VisionTransformer
+
+        net = VisionTransformer(img_size=224, patch_size=16, embed_dim=32, depth=1, num_heads=2, num_classes=p.num_classes)
+    return randomize_bn(net)
+
+
+class StandinPlugin:
+    """Registered by the stand-in test (in process, like any plugin)."""
+
+    @hookimpl
+    def register_classifiers(self, register):
+        register("standin-classifier", standin_classifier, params=StandinParams,
+                 description="test stand-in: a tiny random network of a classifier's architecture family")
+
+
+def family(c: dict) -> tuple[str, int] | None:
+    """(family, classes) of a classifier too costly for AutoAttack on one CPU thread (WRN-28-10 took
+    8 minutes per 2-image shard), None to keep the suite's own plugin and architecture."""
+    plugin, params = c["plugin"], c.get("params", {})
+    if plugin == "robustbench":
+        with torch.device("meta"):
+            model = _zoo(params)["model"]()
+        if sum(p.numel() for p in model.parameters()) <= MAX_CLASSIFIER_PARAMS:
+            return None
+        return ("wideresnet" if "WideResNet" in type(model).__name__ else "resnet",
+                1000 if params.get("dataset") == "imagenet" else 10)
+    if plugin == "diffpure-cifar10":
+        return ("wideresnet" if params["arch"].startswith("wrn") else "resnet", 10)
+    if plugin == "imagenet-torchvision":
+        return ("torchvision-resnet", 1000)
+    if plugin == "deit-s":
+        return ("vit", 1000)
+    return None
 
 
 def patch_classifier(c: dict) -> None:
-    """Swap classifiers too large for CPU (the WRN-70-16s, 267M parameters) for the registered
-    cifar10-resnet18 (pyautoattack's shipped ResNet-18): same input/output contract, 1/500 the cost.
-    The rest keep their plugin and architecture; their random weights are written by write_classifiers."""
-    if too_large(c):
-        c["plugin"], c["params"] = "cifar10-resnet18", {}
-        c["description"] = f"stand-in for {c['id']} (too large for a CPU test)"
+    """Swap classifiers too costly for a CPU test for a tiny network of the same family (the plugin
+    that loads the published weights is tested on its own, in its file layout). The rest keep their
+    plugin and architecture; their random weights are written by write_classifiers."""
+    fam = family(c)
+    if fam is not None:
+        c["plugin"], c["params"] = "standin-classifier", {"family": fam[0], "num_classes": fam[1]}
+        c["description"] = f"stand-in for {c['id']}: a tiny {fam[0]} (the real one is too costly for a CPU test)"
 
 
 def _zoo(params: dict):
@@ -208,12 +264,6 @@ def _zoo(params: dict):
     from robustbench.model_zoo.enums import BenchmarkDataset, ThreatModel
 
     return model_dicts[BenchmarkDataset(params.get("dataset", "cifar10"))][ThreatModel(params.get("threat_model", "Linf"))][params["name"]]
-
-
-def robustbench_params(c: dict) -> int:
-    with torch.device("meta"):
-        model = _zoo(c["params"])["model"]()
-    return sum(p.numel() for p in model.parameters())
 
 
 def write_classifier(plugin: str, params: dict, path: Path) -> None:

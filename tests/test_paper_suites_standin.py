@@ -14,6 +14,7 @@ import sqlite3
 import pytest
 import torch
 
+from benchkit import registry
 from benchkit.cli import main
 from benchkit.suite import load_raw
 from conftest import ROOT
@@ -49,6 +50,8 @@ def test_suite_runs_end_to_end_on_standin_assets(path, tmp_path, monkeypatch, pl
     for mod in sorted(standin.needs(raw)):
         if importlib.util.find_spec(mod) is None:
             pytest.skip(f"needs {mod} (pip install -e '.[robustbench]')")
+    plugin_manager.register(standin.StandinPlugin(), name="standin")
+    registry.reset()
     home = tmp_path / "home"
     home.mkdir()
     monkeypatch.setenv("BENCHKIT_HOME", str(home))

@@ -33,6 +33,7 @@ class TroubleParams(Params):
     eps: float = 0.2
     crash_once: bool = False      # kill the worker process the first time (marker in $BK_MARKERS)
     cheat: bool = False           # return examples twice the budget away
+    explode: bool = False         # raise, as a buggy attack would
 
 
 class Trouble(Attack):
@@ -42,6 +43,8 @@ class Trouble(Attack):
         self.threat, self.p = Linf(p.eps), p
 
     def run(self, model, x, y, ctx):
+        if self.p.explode:
+            raise RuntimeError("boom")
         marker = Path(os.environ["BK_MARKERS"]) / "crashed"
         if self.p.crash_once and not marker.exists():
             marker.write_text(str(os.getpid()))
@@ -142,17 +145,21 @@ def test_ray_executor_matches_local_retries_crashes(tmp_path):
 
 
 @needs_ray
-def test_ray_executor_fails_a_cheating_cell_alone(tmp_path):
+def test_ray_executor_fails_cheating_and_raising_cells_alone(tmp_path):
     install(tmp_path / "site")
     (tmp_path / "home").mkdir()
-    text = SUITE.format(root=ROOT).replace("crash_once: true", "cheat: true").replace("clean_on: split", "clean_on: subset")
+    text = (SUITE.format(root=ROOT).replace("crash_once: true", "cheat: true").replace("clean_on: split", "clean_on: subset")
+            .replace("cells:", "  - {id: broken, plugin: trouble, params: {explode: true}}\ncells:\n  - {classifier: cnn, defense: none, attack: broken}"))
     suite = write(tmp_path / "s.yaml", text)
     r = run(["run", str(suite), "--out", str(tmp_path / "ray"), "--executor", "ray"], tmp_path)
     assert r.returncode == 1, r.stderr[-3000:]
-    failed = [line for line in r.stderr.splitlines() if line.startswith("benchkit: cell failed:")]
-    assert len(failed) == 1 and "cnn/dp/flaky: attack flaky on images" in failed[0] and "exceed Linf eps=0.2" in failed[0], failed
+    failed = sorted(line for line in r.stderr.splitlines() if line.startswith("benchkit: cell failed:"))
+    assert len(failed) == 2, failed
+    assert "cnn/dp/flaky: attack flaky on images" in failed[0] and "exceed Linf eps=0.2" in failed[0], failed
+    assert "cnn/none/broken: attack broken on images" in failed[1] and "task raised RuntimeError: boom" in failed[1], failed
     db = sqlite3.connect(tmp_path / "ray" / "results.sqlite")
     per_cell = dict(db.execute("SELECT c.key, COUNT(e.image_index) FROM cells c LEFT JOIN examples e ON e.cell_id = c.id "
                                "GROUP BY c.key").fetchall())
-    assert per_cell["cnn/none/pgd"] == 24 and per_cell["cnn/dp/pgd"] == 24 and per_cell["cnn/dp/flaky"] == 0
-    assert db.execute("SELECT COUNT(*) FROM failures").fetchone()[0] == 1
+    assert per_cell["cnn/none/pgd"] == 24 and per_cell["cnn/dp/pgd"] == 24
+    assert per_cell["cnn/dp/flaky"] == 0 and per_cell["cnn/none/broken"] == 0
+    assert db.execute("SELECT COUNT(*) FROM failures").fetchone()[0] == 2

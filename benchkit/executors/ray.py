@@ -121,8 +121,10 @@ def run(suite: Suite, plans: list[Plan], comps: Components, store: Store, run_id
             res = ray.get(ref)
         except ray.exceptions.TaskCancelledError:
             continue
-        except ray.exceptions.RayError as exc:
-            res = Failed(f"task failed ({RETRIES} retries): {_one_line(exc)}")
+        except ray.exceptions.RayTaskError as exc:  # raised in the task: deterministic, not retried
+            res = Failed(f"task raised {_one_line(exc)}")
+        except ray.exceptions.RayError as exc:  # the worker or node was lost RETRIES + 1 times
+            res = Failed(f"task lost after {RETRIES} retries: {_one_line(exc)}")
         if kind == "checks":
             if isinstance(res, Failed):
                 res = [checks.CheckResult("checks", "fail", f"checks could not run: {res.message}")]

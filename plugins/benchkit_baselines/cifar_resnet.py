@@ -63,7 +63,7 @@ class CifarResNet(nn.Module):
             x = (x - x.new_tensor(self.mean).view(1, -1, 1, 1)) / x.new_tensor(self.std).view(1, -1, 1, 1)
         out = F.relu(self.bn1(self.conv1(x)))
         out = self.layer4(self.layer3(self.layer2(self.layer1(out))))
-        return self.linear(F.avg_pool2d(out, 4).flatten(1))
+        return self.linear(F.adaptive_avg_pool2d(out, 1).flatten(1))  # the 4x4 map of a 32x32 input
 
 
 def resnet18(**kw) -> CifarResNet:
