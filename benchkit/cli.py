@@ -36,7 +36,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.executor == "ray":
         from benchkit.executors import ray as executor
 
-        executor.import_ray()
+        executor.connect(device)
         # The tasks run on the cluster's devices; the driver only plans (and fails fast on missing files).
         comps = build_components(suite, args.suite, torch.device("cpu"))
     else:

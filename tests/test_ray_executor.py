@@ -163,3 +163,15 @@ def test_ray_executor_fails_cheating_and_raising_cells_alone(tmp_path):
     assert per_cell["cnn/none/pgd"] == 24 and per_cell["cnn/dp/pgd"] == 24
     assert per_cell["cnn/dp/flaky"] == 0 and per_cell["cnn/none/broken"] == 0
     assert db.execute("SELECT COUNT(*) FROM failures").fetchone()[0] == 2
+
+
+@needs_ray
+def test_ray_executor_without_gpus_refuses_cuda_at_once(tmp_path):
+    install(tmp_path / "site")
+    (tmp_path / "home").mkdir()
+    suite = write(tmp_path / "s.yaml", SUITE.format(root=ROOT))
+    r = run(["run", str(suite), "--out", str(tmp_path / "ray"), "--executor", "ray", "--device", "cuda"], tmp_path)
+    assert r.returncode == 2, r.stderr[-3000:]
+    err = [line for line in r.stderr.splitlines() if line.startswith("benchkit: error:")]
+    assert len(err) == 1 and "--device cuda: the Ray cluster" in err[0] and "has no GPU" in err[0], r.stderr[-2000:]
+    assert "Traceback" not in r.stderr and not (tmp_path / "ray").exists()  # refused before anything is stored

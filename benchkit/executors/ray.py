@@ -82,6 +82,19 @@ def import_ray():
     return ray
 
 
+def connect(device: torch.device):
+    """Join (or start) the cluster; BadInput if the run's device cannot be served there."""
+    ray = import_ray()
+    if not ray.is_initialized():
+        os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # else Ray writes an auth token under ~/.ray
+        ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False)
+    if device.type == "cuda" and ray.cluster_resources().get("GPU", 0) < 1:
+        # Tasks asking for a GPU the cluster does not have would wait forever.
+        raise BadInput(f"--device cuda: the Ray cluster ({ray.get_runtime_context().gcs_address}) has no GPU; "
+                       "use --device cpu or a cluster with GPUs (RAY_ADDRESS)")
+    return ray
+
+
 def _one_line(exc: BaseException) -> str:
     cause = getattr(exc, "cause", None) or exc
     text = " ".join(str(cause).split())
@@ -91,10 +104,7 @@ def _one_line(exc: BaseException) -> str:
 def run(suite: Suite, plans: list[Plan], comps: Components, store: Store, run_id: int,
         split_plans: list[SplitPlan] = (), *, suite_path: str, device: torch.device) -> list[str]:
     """Same contract as executors.local.run: returns the failure messages."""
-    ray = import_ray()
-    if not ray.is_initialized():
-        os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # else Ray writes an auth token under ~/.ray
-        ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False)
+    ray = connect(device)
     env = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
     opts = {"num_cpus": 1, "num_gpus": 1 if device.type == "cuda" else 0, "max_retries": RETRIES,
             "retry_exceptions": False, "runtime_env": {"env_vars": env}}
