@@ -50,8 +50,11 @@ def collect(store: Store, run_id: int | None = None) -> dict:
             "seconds": sum(sh["seconds"] for sh in shards),
         })
     prov = json.loads(run["provenance_json"])
+    references = suite.get("references", [])
+    for r in rows:
+        r["paper"] = matching_reference(references, r)
     data = {"run": dict(run), "suite": suite, "provenance": prov, "rows": rows, "split": split_clean(store, prov),
-            "references": suite.get("references", []), "groups": worst_case_groups(store, rows, cell_ids)}
+            "references": references, "groups": worst_case_groups(store, rows, cell_ids)}
     return data | {"curves": curves(data), "strips": strips(store, rows, cell_ids)}
 
 
@@ -117,6 +120,15 @@ def strips(store: Store, rows: list[dict], cell_ids: dict) -> list[dict]:
                           "frames": [png for _, png in frames]})
         out.append({"key": r["key"], "kinds": [k for k, _ in images[next(iter(images))]], "images": strip})
     return out
+
+
+def matching_reference(references: list[dict], row: dict) -> dict | None:
+    """The published numbers for this cell: same defense and attack, and same classifier where the
+    reference names one."""
+    for ref in references:
+        if (ref["defense"], ref["attack"]) == (row["defense"], row["attack"]) and ref.get("classifier") in (None, row["classifier"]):
+            return ref
+    return None
 
 
 def split_clean(store: Store, provenance: dict) -> list[dict]:

@@ -134,6 +134,8 @@ def test_run_stores_reports_and_resumes(tmp_path, local, capsys):
     assert [c for c, _ in by_cell["near/jitter/fgsm"]] == [c for c, _ in by_cell["near/jitter/weak"]]
     html = (out / "leaderboard.html").read_text()
     assert "<table" in html and "Made up et al." in html and "near" in html
+    # The published numbers sit beside ours in the matching cell's row (classifier-less reference: any classifier).
+    assert 'title="Made up et al.">99.00 / 50.00</td>' in html
     # Rerun: nothing recomputed, nothing duplicated.
     assert main(["run", str(suite), "--out", str(out)]) == 0
     _, err = capsys.readouterr()
