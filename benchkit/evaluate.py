@@ -82,7 +82,8 @@ def build_components(suite: Suite, path: str, device: torch.device) -> Component
     dataset = build("datasets", "dataset", suite.dataset.plugin, suite.dataset.params)
     split = None
     if suite.eval.clean_on == "split":
-        split = build("datasets", "dataset (eval.clean_on: split)", suite.dataset.plugin, {**suite.dataset.params, "n": None})
+        whole = suite.dataset.whole_split()
+        split = build("datasets", "dataset (eval.clean_on: split)", whole.plugin, whole.params)
     classifiers = {c.id: build("classifiers", f"classifiers[{i}]", c.plugin, c.params) for i, c in enumerate(suite.classifiers)}
     defenses = {d.id: build("defenses", f"defenses[{i}]", d.plugin, d.params) for i, d in enumerate(suite.defenses)}
     attacks = {a.id: build("attacks", f"attacks[{i}]", a.plugin, a.params) for i, a in enumerate(suite.attacks)}
@@ -109,6 +110,13 @@ def _classify(model: DefendedModel, x: Tensor, y: Tensor, seeds: list[int], batc
 def _flags(columns: list[Tensor]) -> list[str]:
     m = torch.stack(columns, 1)
     return ["".join("1" if v else "0" for v in row) for row in m.tolist()]
+
+
+def clean_verdicts(model: DefendedModel, x: Tensor, y: Tensor, indices: Sequence[int], seed_parts: tuple,
+                   tag: str, repeats: int, batch_size: int) -> list[str]:
+    """Per image, '1'/'0' per repeat: correct on the unattacked input, noise seeded per image."""
+    return _flags([_classify(model, x, y, [derive_seed(*seed_parts, i, tag, r) for i in indices], batch_size)
+                   for r in range(repeats)])
 
 
 def run_attack(model: DefendedModel, attack: Attack, x: Tensor, y: Tensor, ctx: AttackContext,
@@ -188,9 +196,7 @@ def evaluate_shard(suite: Suite, cell: Cell, comps: Components, indices: Sequenc
     # they are computed once per shard of a group.
     key = (group, tuple(indices))
     if key not in comps.clean_flags:
-        comps.clean_flags[key] = _flags(
-            [_classify(model, x, y, [derive_seed(suite.seed, group, i, "clean", r) for i in indices], bs)
-             for r in range(reps)])
+        comps.clean_flags[key] = clean_verdicts(model, x, y, indices, (suite.seed, group), "clean", reps, bs)
     clean_flags = comps.clean_flags[key]
     attack = comps.attacks[cell.attack.id]
     ctx = AttackContext(device=device, seed=derive_seed(suite.seed, cell.key, indices[0]) % 2**31,
@@ -219,8 +225,7 @@ def evaluate_split_shard(suite: Suite, classifier: str, defense: str, comps: Com
     purifier = comps.defenses[defense]
     model = DefendedModel(comps.classifiers[classifier], purifier, gradient=default_gradient(purifier))
     reps = suite.eval.repeats if model.stochastic else 1
-    group = f"{classifier}/{defense}"
-    flags = _flags([_classify(model, x, y, [derive_seed(suite.seed, group, i, "clean-split", r) for i in indices],
-                              suite.eval.batch_size) for r in range(reps)])
+    flags = clean_verdicts(model, x, y, indices, (suite.seed, f"{classifier}/{defense}"), "clean-split", reps,
+                           suite.eval.batch_size)
     rows = [(int(idx), int(y[k]), flags[k]) for k, idx in enumerate(indices)]
     return ShardResult(rows, {}, time.perf_counter() - t0)

@@ -30,6 +30,10 @@ class DatasetSpec(_Strict):
     plugin: str
     params: dict[str, Any] = Field(default_factory=dict)
 
+    def whole_split(self) -> "DatasetSpec":
+        """The split this dataset draws its images from: the same plugin and params with n unset."""
+        return self.model_copy(update={"params": {**self.params, "n": None}})
+
 
 class ComponentSpec(_Strict):
     id: str

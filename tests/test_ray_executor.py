@@ -82,11 +82,14 @@ checks: {{enabled: [robust-le-clean, gradients, attack-undefended], subset: 4}}
 """
 
 
-def install(site):
+def install(tmp_path):
+    """The outside plugin as pip installs one (tmp_path/site, on the run's PYTHONPATH) and an empty HOME."""
+    site = tmp_path / "site"
     write(site / "bk_trouble.py", PLUGIN)
     dist = site / "bk_trouble-0.1.dist-info"
     write(dist / "METADATA", "Metadata-Version: 2.1\nName: bk-trouble\nVersion: 0.1\n")
     write(dist / "entry_points.txt", "[benchkit]\ntrouble = bk_trouble\n")
+    (tmp_path / "home").mkdir()
 
 
 def run(args, tmp_path, **extra):
@@ -120,8 +123,7 @@ def test_without_ray_the_executor_is_a_one_line_error(tmp_path, monkeypatch, plu
 
 @needs_ray
 def test_ray_executor_matches_local_retries_crashes(tmp_path):
-    install(tmp_path / "site")
-    (tmp_path / "home").mkdir()
+    install(tmp_path)
     suite = write(tmp_path / "s.yaml", SUITE.format(root=ROOT))
 
     r = run(["run", str(suite), "--out", str(tmp_path / "ray"), "--executor", "ray", "--limit", "24"], tmp_path)
@@ -146,8 +148,7 @@ def test_ray_executor_matches_local_retries_crashes(tmp_path):
 
 @needs_ray
 def test_ray_executor_fails_cheating_and_raising_cells_alone(tmp_path):
-    install(tmp_path / "site")
-    (tmp_path / "home").mkdir()
+    install(tmp_path)
     text = (SUITE.format(root=ROOT).replace("crash_once: true", "cheat: true").replace("clean_on: split", "clean_on: subset")
             .replace("cells:", "  - {id: broken, plugin: trouble, params: {explode: true}}\ncells:\n  - {classifier: cnn, defense: none, attack: broken}"))
     suite = write(tmp_path / "s.yaml", text)
@@ -167,8 +168,7 @@ def test_ray_executor_fails_cheating_and_raising_cells_alone(tmp_path):
 
 @needs_ray
 def test_ray_executor_without_gpus_refuses_cuda_at_once(tmp_path):
-    install(tmp_path / "site")
-    (tmp_path / "home").mkdir()
+    install(tmp_path)
     suite = write(tmp_path / "s.yaml", SUITE.format(root=ROOT))
     r = run(["run", str(suite), "--out", str(tmp_path / "ray"), "--executor", "ray", "--device", "cuda"], tmp_path)
     assert r.returncode == 2, r.stderr[-3000:]

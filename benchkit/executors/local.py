@@ -91,7 +91,7 @@ def plan_split(suite: Suite, cells: list[Cell], comps: Components, store: Store,
     plans = []
     groups = {(c.classifier.id, c.defense.id): (c.classifier, c.defense) for c in cells}
     for clf, dfn in groups.values():
-        config = {"dataset": suite.dataset.model_dump() | {"split_of": True}, "seed": suite.seed, "eval": numbers_config(suite.eval),
+        config = {"dataset": suite.dataset.whole_split().model_dump(), "seed": suite.seed, "eval": numbers_config(suite.eval),
                   "classifier": clf.model_dump(exclude={"description"}),
                   "defense": dfn.model_dump(exclude={"description"}), "n_images": n}
         gid = store.ensure_split_group(f"{clf.id}/{dfn.id}", stable_hash(config), clf.id, dfn.id, config, n,

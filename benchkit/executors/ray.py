@@ -112,11 +112,15 @@ def run(suite: Suite, plans: list[Plan], comps: Components, store: Store, run_id
     suite_ref, path, dev = ray.put(resolved_dict(suite)), str(suite_path), str(device)
 
     pending: dict = {}
+
+    def submit_checks(p: Plan) -> None:
+        pending[checks_fn.remote(suite_ref, path, dev, p.cell.key, *stored_inputs(store, p.cell_id))] = ("checks", p, None)
+
     for p in plans:
         for i in p.todo:
             pending[shard_fn.remote(suite_ref, path, dev, p.cell.key, p.shards[i])] = ("shard", p, i)
         if not p.todo and not store.checks(p.cell_id):
-            pending[checks_fn.remote(suite_ref, path, dev, p.cell.key, *stored_inputs(store, p.cell_id))] = ("checks", p, None)
+            submit_checks(p)
     for sp in split_plans:
         for i in sp.todo:
             pending[split_fn.remote(suite_ref, path, dev, sp.classifier, sp.defense, sp.shards[i])] = ("split", sp, i)
@@ -158,7 +162,7 @@ def run(suite: Suite, plans: list[Plan], comps: Components, store: Store, run_id
             progress.update(len(p.shards[i]), p.cell.key)
             left[p.cell_id].discard(i)
             if not left[p.cell_id]:
-                pending[checks_fn.remote(suite_ref, path, dev, p.cell.key, *stored_inputs(store, p.cell_id))] = ("checks", p, None)
+                submit_checks(p)
     progress.close()
     _black_box_checks(plans, store, run_id)
     return failures

@@ -41,10 +41,10 @@ class _Block(nn.Module):
 
 
 class CifarResNet(nn.Module):
-    """Inputs in [0, 1]; `mean`/`std` normalise inside when the checkpoint expects it."""
+    """The network as checkpoints hold it; a checkpoint trained on normalised inputs is wrapped in
+    benchkit_baselines.weights.Normalized."""
 
-    def __init__(self, blocks: tuple[int, int, int, int], bottleneck: bool, num_classes: int = 10,
-                 mean: tuple[float, ...] | None = None, std: tuple[float, ...] | None = None):
+    def __init__(self, blocks: tuple[int, int, int, int], bottleneck: bool, num_classes: int = 10):
         super().__init__()
         self.conv1, self.bn1 = _bn_conv(3, 64, 3)
         layers, cin = [], 64
@@ -56,11 +56,8 @@ class CifarResNet(nn.Module):
             layers.append(nn.Sequential(*stage))
         self.layer1, self.layer2, self.layer3, self.layer4 = layers
         self.linear = nn.Linear(cin, num_classes)
-        self.mean, self.std = mean, std
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.mean is not None:
-            x = (x - x.new_tensor(self.mean).view(1, -1, 1, 1)) / x.new_tensor(self.std).view(1, -1, 1, 1)
         out = F.relu(self.bn1(self.conv1(x)))
         out = self.layer4(self.layer3(self.layer2(self.layer1(out))))
         return self.linear(F.adaptive_avg_pool2d(out, 1).flatten(1))  # the 4x4 map of a 32x32 input

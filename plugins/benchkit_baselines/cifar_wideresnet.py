@@ -45,11 +45,10 @@ class _Stage(nn.Module):
 
 
 class WideResNet(nn.Module):
-    """WRN-depth-widen for 32x32 inputs in [0, 1]; `mean`/`std` normalise inside when the checkpoint
-    expects it. `dropout` only acts in training mode (DiffPure's WRN-70-16 was trained with 0.3)."""
+    """WRN-depth-widen on (already normalised) images. `dropout` only acts in training mode
+    (DiffPure's WRN-70-16 was trained with 0.3)."""
 
-    def __init__(self, depth: int = 28, widen: int = 10, num_classes: int = 10, dropout: float = 0.0,
-                 mean: tuple[float, ...] | None = None, std: tuple[float, ...] | None = None):
+    def __init__(self, depth: int = 28, widen: int = 10, num_classes: int = 10, dropout: float = 0.0):
         super().__init__()
         if (depth - 4) % 6:
             raise ValueError(f"WideResNet depth must be 6n + 4, got {depth}")
@@ -61,11 +60,8 @@ class WideResNet(nn.Module):
         self.block3 = _Stage(n, widths[2], widths[3], 2, dropout)
         self.bn1 = nn.BatchNorm2d(widths[3])
         self.fc = nn.Linear(widths[3], num_classes)
-        self.mean, self.std = mean, std
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.mean is not None:
-            x = (x - x.new_tensor(self.mean).view(1, -1, 1, 1)) / x.new_tensor(self.std).view(1, -1, 1, 1)
         out = self.block3(self.block2(self.block1(self.conv1(x))))
         out = F.relu(self.bn1(out))
         return self.fc(F.adaptive_avg_pool2d(out, 1).flatten(1))

@@ -27,14 +27,16 @@ from benchkit.errors import MissingAsset
 from benchkit.params import Params
 from benchkit_baselines.cifar_resnet import resnet50
 from benchkit_baselines.cifar_wideresnet import WideResNet
+from benchkit_baselines.weights import Normalized, load_into
 
 # The per-channel statistics DiffPure's cifar10_resnet.py normalises with.
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2471, 0.2435, 0.2616)
 
+# The networks as their checkpoints hold them (normalisation is added around them when loaded).
 ARCHITECTURES: dict[str, Callable[[], nn.Module]] = {
-    "wrn-70-16-dropout": lambda: WideResNet(70, 16, dropout=0.3, mean=CIFAR10_MEAN, std=CIFAR10_STD),
-    "resnet-50": lambda: resnet50(mean=CIFAR10_MEAN, std=CIFAR10_STD),
+    "wrn-70-16-dropout": lambda: WideResNet(70, 16, dropout=0.3),
+    "resnet-50": resnet50,
 }
 DRIVE_FOLDERS = {
     "wrn-70-16-dropout": "https://drive.google.com/drive/folders/1istqcnPNXJ-TQFdxRqNJuInzOtlYOG1b",
@@ -71,10 +73,5 @@ def diffpure_cifar_classifier(p: DiffPureCifarParams) -> nn.Module:
     if not isinstance(state, dict):
         raise MissingAsset(f"{path}: holds a {type(state).__name__}, not a state dict; is it the published file?")
     net = ARCHITECTURES[p.arch]()
-    try:
-        net.load_state_dict(strip_data_parallel(state))
-    except (RuntimeError, TypeError, AttributeError) as exc:
-        first = " ".join(str(exc).strip().split())[:300]
-        raise MissingAsset(f"{path}: not DiffPure's cifar10-{p.arch} weights ({type(exc).__name__}: {first}); "
-                           "is it the published file?") from None
-    return net.eval()
+    load_into(net, strip_data_parallel(state), path, f"DiffPure's cifar10-{p.arch} weights")
+    return Normalized(net, CIFAR10_MEAN, CIFAR10_STD).eval()

@@ -25,8 +25,9 @@ from pydantic import Field
 from torch import nn
 
 from benchkit.assets import Asset, load_state_dict
-from benchkit.errors import BadInput, MissingAsset
+from benchkit.errors import BadInput
 from benchkit.params import Params
+from benchkit_baselines.weights import Normalized, load_into
 
 INSTALL_HINT = "pip install -e '.[robustbench]'"
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -41,19 +42,6 @@ TORCHVISION_WEIGHTS = {
 DEIT_S_URL = "https://dl.fbaipublicfiles.com/deit/deit_small_patch16_224-cd65a155.pth"
 
 
-class Normalized(nn.Module):
-    """[0, 1] images -> (x - mean) / std -> net."""
-
-    def __init__(self, net: nn.Module, mean=IMAGENET_MEAN, std=IMAGENET_STD):
-        super().__init__()
-        self.net = net
-        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net((x - self.mean) / self.std)
-
-
 def _asset(url: str, what: str) -> Asset:
     name = Path(url).name
     return Asset(f"imagenet/{name}", f"{url} ({what}; the hex in the name is the start of its sha256)")
@@ -62,14 +50,6 @@ def _asset(url: str, what: str) -> Asset:
 def _require(module: str, who: str):
     if importlib.util.find_spec(module) is None:
         raise BadInput(f"classifier '{who}' needs {module} (the robustbench extra): {INSTALL_HINT}")
-
-
-def _load_into(net: nn.Module, state: dict, path: Path, what: str) -> None:
-    try:
-        net.load_state_dict(state)
-    except (RuntimeError, TypeError, AttributeError) as exc:
-        first = " ".join(str(exc).strip().split())[:300]
-        raise MissingAsset(f"{path}: not {what} ({type(exc).__name__}: {first}); is it the published file?") from None
 
 
 # ---------------------------------------------------------------- torchvision ResNet-50 / WRN-50-2
@@ -94,8 +74,8 @@ def torchvision_classifier(p: TorchvisionParams) -> nn.Module:
     import torchvision
 
     net = getattr(torchvision.models, p.arch)(weights=None)
-    _load_into(net, load_state_dict(path), path, f"torchvision's {p.arch} weights")
-    return Normalized(net).eval()
+    load_into(net, load_state_dict(path), path, f"torchvision's {p.arch} weights")
+    return Normalized(net, IMAGENET_MEAN, IMAGENET_STD).eval()
 
 
 # ---------------------------------------------------------------- DeiT-S
@@ -127,5 +107,5 @@ def deit_s_classifier(p: DeiTParams) -> nn.Module:
         state = load_state_dict(path)
     if isinstance(state, dict) and isinstance(state.get("model"), dict):
         state = state["model"]
-    _load_into(net, state, path, "DeiT-S weights (timm deit_small_patch16_224)")
-    return Normalized(net).eval()
+    load_into(net, state, path, "DeiT-S weights (timm deit_small_patch16_224)")
+    return Normalized(net, IMAGENET_MEAN, IMAGENET_STD).eval()
