@@ -1,13 +1,26 @@
-"""The attack interface. An attack returns adversarial inputs, never accuracy."""
+"""The attack contract. An attack proposes adversarial inputs; it never reports accuracy.
+
+The host gives an attack copies of the images and labels, verifies every returned example against
+the budget that the suite's params declare (through the `threat=` mapping the attack plugin
+registered, never the attack object's own say), and classifies the examples itself.
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 from torch import Tensor, nn
 
 from benchkit.defended import DefendedModel
-from benchkit.threat import ThreatModel
+from benchkit.noise import Noise
+
+# What an attack maximises: the classifier's error, or something else (e.g. a purifier's
+# reconstruction error), in which case checks that expect misclassification do not apply.
+Goal = Literal["misclassify", "other"]
+# How it reaches the defended model: its gradients, only its outputs under a query budget, or
+# not at all (examples crafted on another model).
+Access = Literal["gradient", "query", "transfer"]
 
 
 @dataclass
@@ -21,26 +34,42 @@ class AttackResult:
 
 @dataclass
 class AttackContext:
-    """What the host tells an attack beyond the model: the device, the seed it set, and the
-    undefended classifier (for transfer attacks)."""
+    """What the host tells an attack beyond the model.
+
+    `noise` holds one random stream per image (row r of a draw of B rows belongs to image r):
+    an attack draws its own randomness (random starts, ...) there, so an image's result does not
+    depend on which other images share its batch. `seed` is per (cell, variant), for libraries
+    that only take one seed. `undefended` is the bare classifier (transfer attacks).
+    """
     device: torch.device
     seed: int
+    noise: Noise
     undefended: nn.Module | None = None
     batch_size: int = 64
 
 
 class Attack:
-    """Base class. `threat` is the threat model the host verifies against; `gradient` is the
-    DefendedModel gradient mode the attack wants (None: the suite's / defense's default)."""
+    """Base class. `gradient` is the DefendedModel gradient mode the attack wants (None: the
+    defense's / suite's default)."""
 
-    threat: ThreatModel
     gradient: str | None = None
-    # Names of the stochastic-aware parts that differ between variants ("standard", "rand"):
-    # an attack may expand into several evaluated variants; see `variants`.
+    goal: Goal = "misclassify"
+    access: Access = "gradient"
 
     def variants(self) -> list[tuple[str, "Attack"]]:
-        """The sub-attacks whose per-image worst case the host takes (AutoAttack lists versions)."""
+        """The sub-attacks whose per-image worst case the host takes (AutoAttack lists versions).
+        Must not be empty."""
         return [("", self)]
 
     def run(self, model: DefendedModel, x: Tensor, y: Tensor, ctx: AttackContext) -> AttackResult:  # pragma: no cover
         raise NotImplementedError
+
+    def eot_samples(self) -> int | None:
+        """EOT samples per gradient estimate, or None if the attack has no such setting."""
+        return None
+
+    def params_for(self, *, eot: int | None = None, unbounded: bool = False) -> dict | None:
+        """Params overrides under which this attack draws `eot` EOT samples, or has a budget no
+        image can resist (unbounded); None when it has no such setting. Checks rebuild the attack
+        from the suite's params with these merged, and verify against the registered threat."""
+        return None

@@ -8,11 +8,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable
 
-from benchkit import metrics, registry
-from benchkit.attack import AttackContext
+from benchkit import metrics
 from benchkit.defended import DefendedModel, Identity
 from benchkit.evaluate import robust_accuracy
-from benchkit.noise import derive_seed
+from benchkit.resolve import Cell, Components, ResolvedSuite
 
 
 @dataclass
@@ -62,65 +61,51 @@ def gradients(shard_stats: list[dict], **_) -> CheckResult:
 
 # ------------------------------------------------------------------ checks that attack again
 
-def _subset(ctx: dict):
-    suite, comps = ctx["suite"], ctx["comps"]
-    n = min(suite.checks.subset, len(comps.dataset))
-    x, y = comps.dataset.get(range(n))
+def _subset(resolved: ResolvedSuite, comps: Components, cell: Cell):
+    dataset = comps.dataset(cell)
+    x, y = dataset.get(range(min(resolved.suite.checks.subset, len(dataset))))
     return x.to(comps.device), y.to(comps.device)
 
 
-def _rebuild_attack(cell, overrides: dict):
-    """The cell's attack with some params changed, or None if its params have no such keys."""
-    entry = registry.get("attacks").get(cell.attack.plugin)
-    if not all(k in entry.params.model_fields for k in overrides):
-        return None
-    return entry.build({**cell.attack.params, **overrides})
-
-
-def _attack_ctx(ctx: dict, tag: str) -> AttackContext:
-    suite, cell, comps = ctx["suite"], ctx["cell"], ctx["comps"]
-    return AttackContext(device=comps.device, seed=derive_seed(suite.seed, cell.key, tag) % 2**31,
-                         undefended=comps.classifiers[cell.classifier.id], batch_size=suite.eval.batch_size)
+def _ctx(comps: Components, cell: Cell, resolved: ResolvedSuite) -> dict:
+    return {"device": comps.device, "undefended": comps.classifiers[cell.classifier.id],
+            "batch_size": resolved.suite.eval.batch_size}
 
 
 @check("attack-undefended")
-def attack_undefended(suite, cell, comps, **ctx) -> CheckResult:
+def attack_undefended(resolved: ResolvedSuite, cell: Cell, comps: Components, **_) -> CheckResult:
     """The attack must break the undefended classifier on the same images (<= 1%)."""
-    ctx = dict(ctx, suite=suite, cell=cell, comps=comps)
     attack = comps.attacks[cell.attack.id]
-    if not getattr(attack, "attacks_classifier", True):
-        return CheckResult("attack-undefended", "skipped", "the attack targets the purifier alone, not the classifier")
-    x, y = _subset(ctx)
+    if attack.goal != "misclassify":
+        return CheckResult("attack-undefended", "skipped", "the attack does not maximise misclassification "
+                           "(e.g. it targets the purifier alone)")
+    x, y = _subset(resolved, comps, cell)
     model = DefendedModel(comps.classifiers[cell.classifier.id], Identity())
-    acc = robust_accuracy(model, attack, x, y, _attack_ctx(ctx, "undefended"), (suite.seed, cell.key, "undefended"))
+    acc = robust_accuracy(model, attack, resolved.threats[cell.attack.id], x, y, _ctx(comps, cell, resolved),
+                          (resolved.suite.seed, cell.key, "undefended"))
     nums = {"undefended_robust": acc, "n": int(x.shape[0])}
     if acc <= 1.0:
         return CheckResult("attack-undefended", "pass", f"undefended classifier at {acc:.1f}% (<= 1%)", nums)
     return CheckResult("attack-undefended", "fail", f"undefended classifier still at {acc:.1f}% (> 1%): attack too weak or broken", nums)
 
 
-def _unbounded_overrides(attack) -> dict | None:
-    name = attack.threat.name
-    if name == "Linf":
-        return {"eps": 1.0}
-    if name == "L2":
-        return {"eps": 1e3}
-    if name == "StAdv":
-        return {"bound": 1.0}
-    return None
-
-
 @check("unbounded-budget")
-def unbounded_budget(suite, cell, comps, **ctx) -> CheckResult:
-    """With an unbounded budget the defended model must fall to <= 5% (else gradient masking)."""
-    ctx = dict(ctx, suite=suite, cell=cell, comps=comps)
-    over = _unbounded_overrides(comps.attacks[cell.attack.id])
-    attack = _rebuild_attack(cell, over) if over else None
-    if attack is None:
-        return CheckResult("unbounded-budget", "skipped", "the attack has no budget parameter to lift")
-    x, y = _subset(ctx)
-    acc = robust_accuracy(comps.defended(cell), attack, x, y, _attack_ctx(ctx, "unbounded"),
-                          (suite.seed, cell.key, "unbounded"), repeats=suite.eval.repeats)
+def unbounded_budget(resolved: ResolvedSuite, cell: Cell, comps: Components, **_) -> CheckResult:
+    """With an unbounded budget a gradient attack must drive the defended model to <= 5% (else
+    gradient masking)."""
+    attack = comps.attacks[cell.attack.id]
+    if attack.goal != "misclassify":
+        return CheckResult("unbounded-budget", "skipped", "the attack does not maximise misclassification")
+    if attack.access != "gradient":
+        why = {"query": "query-limited", "transfer": "crafted on another model"}.get(attack.access, attack.access)
+        return CheckResult("unbounded-budget", "skipped", f"the attack is {why}: an unbounded budget need not reach 0%")
+    over = attack.params_for(unbounded=True)
+    if over is None:
+        return CheckResult("unbounded-budget", "skipped", "the attack has no budget to lift")
+    lifted, threat = resolved.rebuild_attack(cell.attack.id, over)
+    x, y = _subset(resolved, comps, cell)
+    acc = robust_accuracy(comps.defended(cell, lifted), lifted, threat, x, y, _ctx(comps, cell, resolved),
+                          (resolved.suite.seed, cell.key, "unbounded"), repeats=resolved.suite.eval.repeats)
     nums = {"unbounded_robust": acc, "overrides": over, "n": int(x.shape[0])}
     if acc <= 5.0:
         return CheckResult("unbounded-budget", "pass", f"unbounded budget drives the defended model to {acc:.1f}% (<= 5%)", nums)
@@ -128,41 +113,41 @@ def unbounded_budget(suite, cell, comps, **ctx) -> CheckResult:
 
 
 @check("eot-convergence")
-def eot_convergence(suite, cell, comps, **ctx) -> CheckResult:
+def eot_convergence(resolved: ResolvedSuite, cell: Cell, comps: Components, **_) -> CheckResult:
     """Robust accuracy with n and 2n EOT samples must agree within 2 points."""
-    ctx = dict(ctx, suite=suite, cell=cell, comps=comps)
-    model = comps.defended(cell)
-    if not model.stochastic:
+    attack = comps.attacks[cell.attack.id]
+    if not comps.defenses[cell.defense.id].stochastic:
         return CheckResult("eot-convergence", "skipped", "deterministic defense: EOT does not apply")
-    entry = registry.get("attacks").get(cell.attack.plugin)
-    if "eot" not in entry.params.model_fields:
-        return CheckResult("eot-convergence", "skipped", "the attack has no eot parameter")
-    n = int(entry.validate(cell.attack.params, cell.attack.id).eot)
-    x, y = _subset(ctx)
+    n = attack.eot_samples()
+    if n is None or attack.params_for(eot=2 * n) is None:
+        return CheckResult("eot-convergence", "skipped", "the attack takes no EOT samples")
+    x, y = _subset(resolved, comps, cell)
     accs = {}
     for k in (n, 2 * n):
-        accs[k] = robust_accuracy(model, _rebuild_attack(cell, {"eot": k}), x, y, _attack_ctx(ctx, f"eot{k}"),
-                                  (suite.seed, cell.key, "eot"), repeats=suite.eval.repeats)
-    diff = accs[n] - accs[2 * n]
+        rebuilt, threat = resolved.rebuild_attack(cell.attack.id, attack.params_for(eot=k))
+        accs[k] = robust_accuracy(comps.defended(cell, rebuilt), rebuilt, threat, x, y, _ctx(comps, cell, resolved),
+                                  (resolved.suite.seed, cell.key, "eot"), repeats=resolved.suite.eval.repeats)
     nums = {"eot": n, f"robust_eot{n}": accs[n], f"robust_eot{2 * n}": accs[2 * n], "n": int(x.shape[0])}
-    if abs(diff) < 2.0:
+    if abs(accs[n] - accs[2 * n]) < 2.0:
         return CheckResult("eot-convergence", "pass", f"EOT {n} vs {2 * n}: {accs[n]:.1f}% vs {accs[2 * n]:.1f}%", nums)
-    return CheckResult("eot-convergence", "fail", f"EOT not converged: {accs[n]:.1f}% with {n} samples vs {accs[2 * n]:.1f}% with {2 * n}", nums)
+    return CheckResult("eot-convergence", "fail", f"EOT not converged: {accs[n]:.1f}% with {n} samples vs "
+                       f"{accs[2 * n]:.1f}% with {2 * n}: raise the attack's EOT samples", nums)
 
 
 @check("gradient-correctness")
-def gradient_correctness(suite, cell, comps, **ctx) -> CheckResult:
-    """exact / adjoint gradients against autograd through the unrolled solver (same noise).
-    The verdict is on the mode this cell's attack differentiates with; the others are reported."""
+def gradient_correctness(resolved: ResolvedSuite, cell: Cell, comps: Components, **_) -> CheckResult:
+    """exact / adjoint gradients against autograd through the unrolled solver (same noise), for
+    defenses that offer `gradient_agreement(x) -> {mode: cosine}`. The verdict is on the mode this
+    cell's attack differentiates with; the others are reported."""
     purifier = comps.defenses[cell.defense.id]
     agreement = getattr(purifier, "gradient_agreement", None)
     if agreement is None:
         return CheckResult("gradient-correctness", "skipped", "the defense offers no solver gradients to compare")
-    x, _ = _subset(dict(ctx, suite=suite, comps=comps))
+    x, _ = _subset(resolved, comps, cell)
     cos = agreement(x[: min(4, x.shape[0])])
     nums = {f"cosine_{m}": c for m, c in cos.items()}
     summary = ", ".join(f"{m} cosine {c:.3f}" for m, c in cos.items())
-    used = comps.defended(cell).gradient
+    used = comps.defended(cell, comps.attacks[cell.attack.id]).gradient
     if used not in cos:
         return CheckResult("gradient-correctness", "skipped", f"the attack uses '{used}' gradients ({summary})", nums)
     nums["mode"] = used
@@ -172,32 +157,44 @@ def gradient_correctness(suite, cell, comps, **ctx) -> CheckResult:
     return CheckResult("gradient-correctness", "pass", summary, nums)
 
 
-def run_checks(suite, cell, comps, examples: list, shard_stats: list[dict]) -> list[CheckResult]:
-    """Every enabled per-cell check on a complete cell (its stored example rows and per-shard attack
-    stats); a check that itself fails is recorded as failed, never fatal."""
-    enabled = suite.checks.enabled
+CROSS_CELL = ("black-box-vs-white-box",)
+
+
+def names() -> list[str]:
+    """Every check a suite may enable."""
+    return [*CHECKS, *CROSS_CELL]
+
+
+def enabled(resolved: ResolvedSuite, name: str) -> bool:
+    return resolved.suite.checks.enabled == "all" or name in resolved.suite.checks.enabled
+
+
+def run_checks(resolved: ResolvedSuite, comps: Components, cell: Cell, examples: list,
+               shard_stats: list[dict]) -> list[CheckResult]:
+    """Every enabled per-cell check on a complete attack cell (its stored example rows and
+    per-shard attack stats); a check that itself fails is recorded as failed, never fatal."""
     summary = metrics.summarise(examples)
-    ctx = {"suite": suite, "cell": cell, "comps": comps, "summary": summary, "shard_stats": shard_stats}
     results = []
     for name, fn in CHECKS.items():
-        if enabled != "all" and name not in enabled:
+        if not enabled(resolved, name):
             continue
         try:
-            results.append(fn(**ctx))
+            results.append(fn(resolved=resolved, cell=cell, comps=comps, summary=summary, shard_stats=shard_stats))
         except Exception as exc:  # noqa: BLE001 - a broken check must not lose the cell's results
             results.append(CheckResult(name, "fail", f"check could not run: {type(exc).__name__}: {exc}"))
     return results
 
 
-def black_box_vs_white_box(rows: list[dict], square_plugins: tuple[str, ...] = ("square",)) -> dict[str, CheckResult]:
-    """Per (classifier, defense): black-box robust accuracy may not be lower than the best
-    white-box one by more than 2 points. Returns results keyed by the black-box cell key."""
+def black_box_vs_white_box(rows: list[dict]) -> dict[str, CheckResult]:
+    """Per (classifier, defense): a query-limited (black-box) attack's robust accuracy may not be
+    lower than the best gradient attack's by more than 2 points. rows: {key, classifier, defense,
+    access, goal, robust}. Returns results keyed by the black-box cell's key."""
     out = {}
+    white = [o for o in rows if o["access"] == "gradient" and o["goal"] == "misclassify" and o["robust"] is not None]
     for r in rows:
-        if r["plugin"] not in square_plugins or r["robust"] is None:
+        if r["access"] != "query" or r["robust"] is None:
             continue
-        wb = [o for o in rows if o["classifier"] == r["classifier"] and o["defense"] == r["defense"]
-              and o["plugin"] not in square_plugins and o["robust"] is not None]
+        wb = [o for o in white if (o["classifier"], o["defense"]) == (r["classifier"], r["defense"])]
         if not wb:
             continue
         best = min(wb, key=lambda o: o["robust"])

@@ -21,82 +21,77 @@ class _Parser(argparse.ArgumentParser):
 def cmd_run(args: argparse.Namespace) -> int:
     import torch
 
-    from benchkit import provenance, report, suite as suite_mod
-    from benchkit.evaluate import build_components
-    from benchkit.executors import local
+    from benchkit import provenance, report, resolve, runner
     from benchkit.store import Store
+    from benchkit.suite import resolved_dict, stable_hash
 
-    suite = suite_mod.load_suite(args.suite)
-    if args.seed is not None:  # error bars: the same suite under several seeds, one folder each
-        suite = suite.model_copy(update={"seed": args.seed})
-    _require_assets(suite, args.suite)
+    resolved = resolve.load(args.suite, seed=args.seed)   # --seed: error bars, one folder per seed
+    suite = resolved.suite
+    _require_assets(resolved)
     default_out = Path("runs") / suite.suite if args.seed is None else Path("runs") / suite.suite / f"seed{args.seed}"
     out = Path(args.out or default_out)
     device = torch.device(args.device or suite.eval.device or "cpu")
     if args.executor == "ray":
-        from benchkit.executors import ray as executor
+        from benchkit.executors.ray import RayExecutor
 
-        executor.connect(device)
-        # The tasks run on the cluster's devices; the driver only plans (and fails fast on missing files).
-        comps = build_components(suite, args.suite, torch.device("cpu"))
+        executor = RayExecutor(resolved, device)
+        # The models live on the cluster; the driver only needs the datasets' sizes to plan.
+        datasets = {c.spec.model_dump_json(): c.build() for c in (resolved.dataset, resolved.split) if c}
+        sizes = {c.key: len(datasets[c.dataset.model_dump_json()]) for c in resolved.cells}
     else:
+        from benchkit.executors.local import LocalExecutor
+
         if device.type == "cuda" and not torch.cuda.is_available():
             raise BadInput("--device cuda: no CUDA device is available on this machine")
-        comps = build_components(suite, args.suite, device)
+        comps = resolved.build(device)
+        executor = LocalExecutor(resolved, comps)
+        sizes = {c.key: len(comps.dataset(c)) for c in resolved.cells}
     if args.fresh and (out / "results.sqlite").exists():
         for suffix in ("", "-wal", "-shm"):
             (out / f"results.sqlite{suffix}").unlink(missing_ok=True)
     store = Store(out / "results.sqlite")
-    cells = suite_mod.expand(suite)
-    plans = local.plan(suite, cells, comps, store, args.limit)
-    split_plans = local.plan_split(suite, cells, comps, store, args.limit)
-    suite_json = suite_mod.resolved_dict(suite)
-    suite_hash = suite_mod.stable_hash(suite_json)
-    prov = provenance.collect(device, suite_hash, suite.seed) | {
-        "cell_ids": {p.cell.key: p.cell_id for p in plans}, "split_ids": {p.key: p.group_id for p in split_plans},
-        "limit": args.limit, "executor": args.executor}
-    run_id = store.start_run(suite.suite, str(Path(args.suite).resolve()), suite_hash, suite_json, prov)
-    todo = sum(len(p.todo) for p in [*plans, *split_plans])
-    total = sum(len(p.shards) for p in [*plans, *split_plans])
-    split = f" + standard accuracy of {len(split_plans)} group(s) on the whole split" if split_plans else ""
-    print(f"benchkit: {suite.suite}: {len(plans)} cells{split}, {todo} shard(s) to compute "
-          f"({total - todo} already stored) -> {out}", file=sys.stderr)
+    suite_json = resolved_dict(suite)
+    prov = provenance.collect(device, stable_hash(suite_json), suite.seed) | {"executor": args.executor}
+
+    def announce(plans) -> None:
+        todo = sum(len(p.shards) for p in plans)
+        clean = sum(p.cell.kind == "clean" for p in plans)
+        extra = f" + standard accuracy of {clean} group(s) on the whole split" if clean else ""
+        print(f"benchkit: {suite.suite}: {len(plans) - clean} cells{extra}, {todo} shard(s) to compute -> {out}",
+              file=sys.stderr)
+
     try:
-        if args.executor == "ray":
-            failures = executor.run(suite, plans, comps, store, run_id, split_plans, suite_path=args.suite, device=device)
-        else:
-            failures = local.run(suite, plans, comps, store, run_id, split_plans)
+        outcome = runner.run(resolved, store, executor, sizes=sizes, limit=args.limit, provenance=prov,
+                             suite_json=suite_json, announce=announce)
     except KeyboardInterrupt:
-        store.finish_run(run_id, "interrupted")
         print("benchkit: interrupted; committed shards are kept, rerun to resume", file=sys.stderr)
         return 130
-    store.finish_run(run_id, "failed" if failures else "done")
-    data = report.collect(store, run_id)
+    data = report.collect(store, outcome.run_id)
     print(report.table(data))
     html = report.render_html(data, out / "leaderboard.html")
-    for f in failures:
+    for f in outcome.failures:
         print(f"benchkit: cell failed: {f}", file=sys.stderr)
     print(f"leaderboard: {html.resolve()}")
-    return EXIT_CELL_FAILED if failures else EXIT_OK
+    return EXIT_CELL_FAILED if outcome.failures else EXIT_OK
 
 
-def _require_assets(suite, path: str) -> None:
+def _require_assets(resolved) -> None:
     """Every declared file present before anything runs; else the checklist of missing ones."""
-    from benchkit.assets import checklist, suite_assets
+    from benchkit.assets import checklist
 
-    missing = [item for item in suite_assets(suite, path) if not item[2].exists()]
+    missing = [item for item in resolved.assets() if not item[2].exists()]
     if missing:
         raise BadInput([f"{len(missing)} asset(s) missing; nothing was run (set BENCHKIT_HOME or the params' path):"]
                        + checklist(missing))
 
 
 def cmd_assets(args: argparse.Namespace) -> int:
-    from benchkit.assets import checklist, suite_assets
-    from benchkit.suite import load_suite
+    from benchkit import resolve
+    from benchkit.assets import checklist
 
     missing = 0
     for path in args.suites:
-        items = suite_assets(load_suite(path), path)
+        items = resolve.load(path).assets()
         for line in checklist(items) or [f"{path}: no files needed beyond the installed packages"]:
             print(line)
         missing += sum(not p.exists() for _, _, p in items)
@@ -104,13 +99,13 @@ def cmd_assets(args: argparse.Namespace) -> int:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from benchkit.suite import load_suite
+    from benchkit import resolve
 
     problems = []
     for path in args.suites:
         try:
-            s = load_suite(path)
-            print(f"{path}: ok ({len(s.cell_specs())} cells)")
+            r = resolve.load(path)
+            print(f"{path}: ok ({sum(c.kind == 'attack' for c in r.cells)} cells)")
         except BadInput as exc:
             problems.extend(exc.problems)
     if problems:
@@ -126,7 +121,7 @@ def cmd_ls(args: argparse.Namespace) -> int:
         for p in sorted(root.glob("*.yaml")):
             print(p)
         return EXIT_OK
-    kinds = [args.kind] if args.kind else list(registry.KINDS)
+    kinds = [args.kind] if args.kind else list(registry.kinds())
     for kind in kinds:
         print(f"{kind}:")
         for e in registry.get(kind):
@@ -177,11 +172,11 @@ def cmd_purify(args: argparse.Namespace) -> int:
 
     import torch
 
-    from benchkit import png, registry
+    from benchkit import png, resolve
     from benchkit.noise import PerExampleNoise, derive_seed
-    from benchkit.suite import load_suite
 
-    suite = load_suite(args.suite)
+    resolved = resolve.load(args.suite)
+    suite = resolved.suite
     ids = [d.id for d in suite.defenses]
     if args.defense not in ids:
         close = difflib.get_close_matches(args.defense, ids, n=1, cutoff=0.6)
@@ -201,11 +196,10 @@ def cmd_purify(args: argparse.Namespace) -> int:
                  for p, _ in images if stems.count(p.stem) > 1]
     if problems:
         raise BadInput(problems)
-    i = ids.index(args.defense)
-    where = f"{args.suite}: defenses[{i}]"
+    comp = resolved.defenses[args.defense]
+    where = f"{args.suite}: {comp.where}"
     try:
-        entry = registry.get("defenses").get(suite.defenses[i].plugin, where=f"{where}.plugin")
-        purifier = entry.build(entry.validate(suite.defenses[i].params, where))
+        purifier = comp.build()
     except (BadInput, FileNotFoundError) as exc:
         raise BadInput([f"{where}: {p}" for p in getattr(exc, "problems", [str(exc)])]) from None
     device = torch.device(args.device)
@@ -233,6 +227,7 @@ def cmd_purify(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from benchkit import registry
     from benchkit.plugins import get_plugin_manager
 
     parser = _Parser(prog="benchkit", description="Adversarial-robustness benchmarks around diffusion purification.")
@@ -255,7 +250,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("suites", nargs="+")
     p.set_defaults(func=cmd_assets)
     p = sub.add_parser("ls", help="list registered components or suites")
-    p.add_argument("kind", nargs="?", choices=["datasets", "classifiers", "defenses", "attacks", "score-models", "suites"])
+    p.add_argument("kind", nargs="?", choices=[*registry.kinds(), "suites"])
     p.add_argument("--dir", default="suites", help="with 'suites': the folder to list")
     p.set_defaults(func=cmd_ls)
     p = sub.add_parser("plugins", help="installed plugins, versions and hooks")

@@ -13,7 +13,7 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
-from benchkit.noise import GLOBAL_NOISE, Noise
+from benchkit.noise import GLOBAL_NOISE, ImageStreams, Noise
 
 GRADIENT_MODES = ("exact", "adjoint", "bpda", "none")
 
@@ -60,10 +60,14 @@ LossFn = Callable[[Tensor, Tensor], Tensor]
 
 
 class DefendedModel(nn.Module):
-    """classifier(purifier(x)) with a chosen gradient mode and batched EOT."""
+    """classifier(purifier(x)) with a chosen gradient mode and batched EOT.
+
+    `noise` is where the purifier's randomness comes from when a call passes none: the global RNG
+    by default; while an attack runs, the host's per-image `ImageStreams` (see `for_images`).
+    """
 
     def __init__(self, classifier: nn.Module, purifier: Purifier | None = None, *,
-                 gradient: str = "exact", max_batch: int = 256):
+                 gradient: str = "exact", max_batch: int = 256, noise: Noise | None = None):
         super().__init__()
         self.classifier = classifier
         self.purifier = purifier if purifier is not None else Identity()
@@ -74,20 +78,51 @@ class DefendedModel(nn.Module):
                              f"(supports {self.purifier.gradient_modes})")
         self.gradient = gradient
         self.max_batch = max_batch
+        self.noise = noise
 
     @property
     def stochastic(self) -> bool:
         return bool(self.purifier.stochastic)
 
-    def purify(self, x: Tensor, *, noise: Noise | None = None, gradient: str | None = None) -> Tensor:
-        return self.purifier.purify(x, gradient=gradient or self.gradient, noise=noise)
-
-    def forward(self, x: Tensor, *, noise: Noise | None = None) -> Tensor:
-        return self.classifier(self.purify(x, noise=noise))
+    def _view(self, **changes) -> "DefendedModel":
+        kw = dict(classifier=self.classifier, purifier=self.purifier, gradient=self.gradient,
+                  max_batch=self.max_batch, noise=self.noise) | changes
+        return DefendedModel(kw.pop("classifier"), kw.pop("purifier"), **kw)
 
     def with_gradient(self, gradient: str) -> "DefendedModel":
-        """The same defended model seen through another gradient mode (shares all modules)."""
-        return DefendedModel(self.classifier, self.purifier, gradient=gradient, max_batch=self.max_batch)
+        """The same defended model seen through another gradient mode (shares all modules and noise)."""
+        return self._view(gradient=gradient)
+
+    def with_classifier(self, classifier: nn.Module) -> "DefendedModel":
+        """The same purifier, gradient mode and noise in front of another head (e.g. a loss on the
+        purified image itself)."""
+        return self._view(classifier=classifier)
+
+    def for_images(self, x: Tensor, seeds: list[int]) -> "DefendedModel":
+        """This model with one noise stream per image of x (seeded by `seeds`), whatever rows, copies
+        or subsets of x it is later called on."""
+        return self._view(noise=ImageStreams(x, seeds))
+
+    def purify(self, x: Tensor, *, noise: Noise | None = None, gradient: str | None = None) -> Tensor:
+        noise = noise or self.noise
+        if isinstance(noise, ImageStreams):
+            noise.bind(noise.open(x), range(1))
+        return self.purifier.purify(x, gradient=gradient or self.gradient, noise=noise)
+
+    def _copies(self, x: Tensor, keys, noise: Noise | None, start: int, k: int) -> Tensor:
+        """Logits of k stacked copies of x (repeat-major), copies start..start+k-1 of its EOT samples."""
+        if isinstance(noise, ImageStreams):
+            noise.bind(keys, range(start, start + k))
+        xr = x.repeat(k, *([1] * (x.dim() - 1))) if k > 1 else x
+        return self.classifier(self.purifier.purify(xr, gradient=self.gradient, noise=noise))
+
+    def _open(self, x: Tensor, noise: Noise | None):
+        noise = noise or self.noise
+        return noise, (noise.open(x) if isinstance(noise, ImageStreams) else None)
+
+    def forward(self, x: Tensor, *, noise: Noise | None = None) -> Tensor:
+        noise, keys = self._open(x, noise)
+        return self._copies(x, keys, noise, 0, 1)
 
     def _chunks(self, batch: int, n: int) -> list[int]:
         """EOT sample counts per forward pass: as many whole copies of the batch as fit max_batch."""
@@ -103,14 +138,14 @@ class DefendedModel(nn.Module):
         loss_fn must return one value per row (reduction='none'). Samples run as few large batches.
         """
         total = x.new_zeros(x.shape[0])
-        if not self.stochastic:
-            n_eff, scale = 1, 1.0
-        else:
-            n_eff, scale = n, 1.0 / n
+        n_eff = n if self.stochastic else 1
+        noise, keys = self._open(x, noise)
+        start = 0
         for k in self._chunks(x.shape[0], n_eff):
-            logits = self(x.repeat(k, *([1] * (x.dim() - 1))), noise=noise)
+            logits = self._copies(x, keys, noise, start, k)
             total = total + loss_fn(logits, y.repeat(k)).view(k, -1).sum(0)
-        return total * scale
+            start += k
+        return total / n_eff
 
     def loss_and_grad(self, loss_fn: LossFn, x: Tensor, y: Tensor, n: int, *,
                       noise: Noise | None = None) -> tuple[Tensor, Tensor]:
@@ -120,16 +155,22 @@ class DefendedModel(nn.Module):
         n_eff = n if self.stochastic else 1
         loss_total = x.new_zeros(x.shape[0])
         grad_total = torch.zeros_like(x)
+        noise, keys = self._open(x, noise)
+        start = 0
         for k in self._chunks(x.shape[0], n_eff):
-            xr = x.repeat(k, *([1] * (x.dim() - 1))).requires_grad_(True)
+            xk = x.clone().requires_grad_(True)
             with torch.enable_grad():
-                loss = loss_fn(self(xr, noise=noise), y.repeat(k))
-                (g,) = torch.autograd.grad(loss.sum(), xr)
+                loss = loss_fn(self._copies(xk, keys, noise, start, k), y.repeat(k))
+                (g,) = torch.autograd.grad(loss.sum(), xk)
             loss_total += loss.detach().view(k, -1).sum(0)
-            grad_total += g.view(k, *x.shape).sum(0)
+            grad_total += g
+            start += k
         return loss_total / n_eff, grad_total / n_eff
 
     @torch.no_grad()
     def predict(self, x: Tensor, *, noise: Noise | None = None) -> Tensor:
         """Predicted labels, one stochastic draw, no gradient machinery."""
+        noise, keys = self._open(x, noise)
+        if keys is not None:
+            noise.bind(keys, range(1))
         return self.classifier(self.purifier.purify(x, gradient="none", noise=noise)).argmax(1)

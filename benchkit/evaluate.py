@@ -1,8 +1,10 @@
-"""One cell shard: clean accuracy, the attack, host-side verification, re-evaluation.
+"""One shard of one cell: clean verdicts, the attack, host-side verification, re-evaluation.
 
-The attack only proposes examples. The host checks each one against the threat model (finite,
-in [0, 1], within budget, with a tiny float tolerance: never clipped) and classifies it itself,
-`repeats` times with per-image noise for stochastic defenses.
+The attack gets copies of the images and labels and only proposes examples. The host checks each
+one against its own untouched copies and the budget the suite's params declare (type, dtype, shape,
+device, finite, in [0, 1], within budget with a tiny float tolerance: never clipped) and classifies
+it itself, `repeats` times with per-image noise for stochastic defenses. Every random draw, the
+attack's and the defense's, is seeded per image: (suite seed, cell, variant, image index, purpose).
 """
 from __future__ import annotations
 
@@ -12,90 +14,18 @@ from dataclasses import dataclass, field
 from typing import Iterator, Sequence
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from benchkit import png, registry
+from benchkit import png
 from benchkit.attack import Attack, AttackContext, AttackResult
-from benchkit.dataset import Dataset
 from benchkit.defended import DefendedModel, Purifier
-from benchkit.errors import BadInput
 from benchkit.noise import PerExampleNoise, derive_seed
-from benchkit.suite import Cell, Suite
+from benchkit.resolve import Cell, Components, ResolvedSuite
+from benchkit.threat import ThreatModel
 
 
 class CellFailure(Exception):
     """The cell cannot produce trustworthy numbers (e.g. an example outside the threat model)."""
-
-
-@dataclass
-class Components:
-    """Everything a suite needs, built once before any cell runs (so a missing checkpoint fails
-    before anything is computed)."""
-    dataset: Dataset
-    classifiers: dict[str, nn.Module]
-    defenses: dict[str, Purifier]
-    attacks: dict[str, Attack]
-    device: torch.device
-    defense_gradients: dict[str, str | None] = field(default_factory=dict)
-    # Clean verdicts per (classifier/defense, shard indices): every attack of a group shares them.
-    clean_flags: dict[tuple[str, tuple[int, ...]], list[str]] = field(default_factory=dict)
-    # The dataset's whole split, for standard accuracy on it (eval.clean_on: split); else None.
-    split: Dataset | None = None
-
-    def defended(self, cell: Cell) -> DefendedModel:
-        purifier = self.defenses[cell.defense.id]
-        attack = self.attacks[cell.attack.id]
-        gradient = attack.gradient or self.defense_gradients.get(cell.defense.id) or default_gradient(purifier)
-        return DefendedModel(self.classifiers[cell.classifier.id], purifier, gradient=gradient)
-
-
-def default_gradient(purifier: Purifier) -> str:
-    for mode in ("exact", "adjoint", "bpda", "none"):
-        if mode in purifier.gradient_modes:
-            return mode
-    return "none"
-
-
-def _freeze(module: nn.Module, device: torch.device) -> nn.Module:
-    module.to(device).eval()
-    for p in module.parameters():
-        p.requires_grad_(False)
-    return module
-
-
-def build_components(suite: Suite, path: str, device: torch.device) -> Components:
-    problems: list[str] = []
-
-    def build(kind: str, where: str, plugin: str, params: dict):
-        try:
-            entry = registry.get(kind).get(plugin, where=f"{path}: {where}.plugin")
-            validated = entry.validate(params, f"{path}: {where}")
-        except BadInput as exc:
-            problems.extend(exc.problems)
-            return None
-        try:
-            return entry.build(validated)
-        except (BadInput, FileNotFoundError) as exc:  # e.g. a missing checkpoint: say which entry needs it
-            problems.extend(f"{path}: {where}: {p}" for p in getattr(exc, "problems", [str(exc)]))
-        return None
-
-    dataset = build("datasets", "dataset", suite.dataset.plugin, suite.dataset.params)
-    split = None
-    if suite.eval.clean_on == "split":
-        whole = suite.dataset.whole_split()
-        split = build("datasets", "dataset (eval.clean_on: split)", whole.plugin, whole.params)
-    classifiers = {c.id: build("classifiers", f"classifiers[{i}]", c.plugin, c.params) for i, c in enumerate(suite.classifiers)}
-    defenses = {d.id: build("defenses", f"defenses[{i}]", d.plugin, d.params) for i, d in enumerate(suite.defenses)}
-    attacks = {a.id: build("attacks", f"attacks[{i}]", a.plugin, a.params) for i, a in enumerate(suite.attacks)}
-    for i, d in enumerate(suite.defenses):
-        purifier = defenses.get(d.id)
-        if purifier is not None and d.gradient and d.gradient not in purifier.gradient_modes:
-            problems.append(f"{path}: defenses[{i}].gradient: '{d.id}' supports {', '.join(purifier.gradient_modes)}, not '{d.gradient}'")
-    if problems:
-        raise BadInput(problems)
-    return Components(dataset, {k: _freeze(v, device) for k, v in classifiers.items()},
-                      {k: _freeze(v, device) for k, v in defenses.items()}, attacks, device,
-                      {d.id: d.gradient for d in suite.defenses}, split=split)
 
 
 def _classify(model: DefendedModel, x: Tensor, y: Tensor, seeds: list[int], batch_size: int) -> Tensor:
@@ -112,50 +42,98 @@ def _flags(columns: list[Tensor]) -> list[str]:
     return ["".join("1" if v else "0" for v in row) for row in m.tolist()]
 
 
+def verdicts(model: DefendedModel, x: Tensor, y: Tensor, indices: Sequence[int], seed_parts: tuple,
+             repeats: int, batch_size: int) -> list[str]:
+    """Per image, '1'/'0' per repeat: correct or not, with noise seeded (*seed_parts, index, repeat)."""
+    reps = repeats if model.stochastic else 1
+    return _flags([_classify(model, x, y, [derive_seed(*seed_parts, i, r) for i in indices], batch_size)
+                   for r in range(reps)])
+
+
 def clean_verdicts(model: DefendedModel, x: Tensor, y: Tensor, indices: Sequence[int], seed_parts: tuple,
                    tag: str, repeats: int, batch_size: int) -> list[str]:
-    """Per image, '1'/'0' per repeat: correct on the unattacked input, noise seeded per image."""
+    """Correct on the unattacked input, noise seeded per image (kept as before: (*seed_parts, i, tag, r))."""
+    reps = repeats if model.stochastic else 1
     return _flags([_classify(model, x, y, [derive_seed(*seed_parts, i, tag, r) for i in indices], batch_size)
-                   for r in range(repeats)])
+                   for r in range(reps)])
 
 
-def run_attack(model: DefendedModel, attack: Attack, x: Tensor, y: Tensor, ctx: AttackContext,
-               seed_parts: tuple) -> Iterator[tuple[str, Attack, Tensor, "AttackResult"]]:
-    """Run every variant of an attack, seeding the global RNG per variant, and verify each
-    returned batch against the threat model; yields (variant, sub-attack, x_adv, result)."""
+def check_result(result: object, x: Tensor, threat: ThreatModel) -> tuple[Tensor, dict]:
+    """The examples of an attack's result, or CellFailure naming the first broken rule."""
+    if not isinstance(result, AttackResult):
+        raise CellFailure(f"returned {type(result).__name__}, not an AttackResult")
+    x_adv, extra = result.x_adv, result.extra
+    if not isinstance(x_adv, Tensor):
+        raise CellFailure(f"x_adv is a {type(x_adv).__module__}.{type(x_adv).__name__}, not a torch tensor")
+    if x_adv.dtype != x.dtype:
+        raise CellFailure(f"x_adv has dtype {x_adv.dtype}, expected {x.dtype} (the images' own)")
+    if tuple(x_adv.shape) != tuple(x.shape):
+        raise CellFailure(f"x_adv has shape {tuple(x_adv.shape)}, expected {tuple(x.shape)}")
+    if x_adv.device != x.device:
+        raise CellFailure(f"x_adv is on {x_adv.device}, expected {x.device}")
+    if not isinstance(extra, dict) or not all(isinstance(v, Tensor) and v.shape[:1] == x.shape[:1] for v in extra.values()):
+        raise CellFailure("extra must map names to tensors with one row per image")
+    x_adv = x_adv.detach()
+    extra = {k: v.detach() for k, v in extra.items()}
+    problems = threat.violations(x, x_adv, extra)
+    if problems:
+        raise CellFailure(f"returned invalid examples: {'; '.join(problems)}")
+    return x_adv, extra
+
+
+def run_attack(model: DefendedModel, attack: Attack, threat: ThreatModel, x: Tensor, y: Tensor,
+               indices: Sequence[int], ctx_base: dict, seed_parts: tuple
+               ) -> Iterator[tuple[str, Tensor, dict, AttackResult]]:
+    """Run every variant of an attack on copies of (x, y), its randomness and the defense's seeded
+    per image, and verify each returned batch against `threat` and the host's own x.
+    Yields (variant, x_adv, extra, result)."""
     for variant, sub in attack.variants():
-        torch.manual_seed(derive_seed(*seed_parts, variant, ctx.seed))
+        parts = (*seed_parts, variant)
+        # Only for libraries that draw from the global RNG (pyautoattack): ours draw per image.
+        torch.manual_seed(derive_seed(*parts, "global"))
         attacked = model if sub.gradient is None else model.with_gradient(sub.gradient)
-        result = sub.run(attacked, x, y, ctx)
-        x_adv = result.x_adv.detach().to(x.device)
-        problems = sub.threat.violations(x, x_adv, result.extra)
-        if problems:
-            raise CellFailure(f"{'variant ' + variant + ' ' if variant else ''}returned invalid examples: {'; '.join(problems)}")
-        yield variant, sub, x_adv, result
+        attacked = attacked.for_images(x, [derive_seed(*parts, i, "defense") for i in indices])
+        ctx = AttackContext(seed=derive_seed(*parts) % 2**31,
+                            noise=PerExampleNoise([derive_seed(*parts, i, "attack") for i in indices]), **ctx_base)
+        try:
+            result = sub.run(attacked, x.clone(), y.clone(), ctx)
+        except CellFailure:
+            raise
+        except Exception as exc:
+            raise CellFailure(f"{'variant ' + variant + ': ' if variant else ''}{one_line(exc)}") from exc
+        try:
+            x_adv, extra = check_result(result, x, threat)
+        except CellFailure as exc:
+            raise CellFailure(f"{'variant ' + variant + ' ' if variant else ''}{exc}") from None
+        yield variant, x_adv, extra, result
 
 
-def robust_accuracy(model: DefendedModel, attack: Attack, x: Tensor, y: Tensor, ctx: AttackContext,
-                    seed_parts: tuple, repeats: int = 1) -> float:
+def one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return f"{type(exc).__name__}: {text[:300]}" if text else type(exc).__name__
+
+
+def robust_accuracy(model: DefendedModel, attack: Attack, threat: ThreatModel, x: Tensor, y: Tensor,
+                    ctx_base: dict, seed_parts: tuple, repeats: int = 1) -> float:
     """Per-image worst case over the attack's variants, mean over `repeats` re-evaluations, in %."""
+    indices = list(range(x.shape[0]))
     robust = torch.ones(x.shape[0], dtype=torch.bool)
-    for variant, _, x_adv, _ in run_attack(model, attack, x, y, ctx, seed_parts):
-        reps = repeats if model.stochastic else 1
-        hits = torch.stack([_classify(model, x_adv, y, [derive_seed(*seed_parts, variant, i, r) for i in range(x.shape[0])],
-                                      x.shape[0]) for r in range(reps)]).float().mean(0)
-        robust &= hits > 0.5
+    for variant, x_adv, _, _ in run_attack(model, attack, threat, x, y, indices, ctx_base, seed_parts):
+        flags = verdicts(model, x_adv, y, indices, (*seed_parts, variant, "adv"), repeats, x.shape[0])
+        robust &= torch.tensor([f.count("1") * 2 > len(f) for f in flags])
     return float(robust.float().mean() * 100)
 
 
 STRIP_IMAGES = 4   # the first images of a cell kept as purification strips for the report
-STRIP_FRAMES = 4   # adversarial, diffused x(t*), mid-way, purified (then the clean image)
+STRIP_FRAMES = 4   # asked of the defense's trajectory (input, intermediate states, purified)
 
 
 def strip_samples(purifier: Purifier, seed: int, cell: Cell, indices: Sequence[int], x: Tensor,
                   x_adv: Tensor) -> list[tuple]:
-    """(image_index, frame, kind, png) rows showing how the defense purifies the adversarial
+    """(image_index, frame, label, png) rows showing how the defense purifies the adversarial
     examples of the cell's first STRIP_IMAGES images, for defenses that can show their work: a
-    `trajectory(x, n_frames, noise=)` method returning [n_frames, B, C, H, W] in [0, 1], from
-    the input through intermediate states to the purified image. Other defenses: no rows."""
+    `trajectory(x, n_frames, noise=)` method returning ([n_frames, B, C, H, W] in [0, 1], a label
+    per frame). The clean image is added last. Other defenses: no rows."""
     trajectory = getattr(purifier, "trajectory", None)
     keep = [i for i, idx in enumerate(indices) if idx < STRIP_IMAGES]
     if not callable(trajectory) or not keep:
@@ -163,69 +141,69 @@ def strip_samples(purifier: Purifier, seed: int, cell: Cell, indices: Sequence[i
     noise = PerExampleNoise([derive_seed(seed, cell.key, "strip", indices[i]) for i in keep])
     try:
         with torch.no_grad():
-            frames = trajectory(x_adv[keep], STRIP_FRAMES, noise=noise).cpu()
+            frames, labels = trajectory(x_adv[keep], STRIP_FRAMES, noise=noise)
+        frames = frames.cpu()
+        if len(labels) != frames.shape[0]:
+            raise ValueError(f"{frames.shape[0]} frames but {len(labels)} labels")
     except Exception as exc:  # noqa: BLE001 - a display aid must never cost the shard its results
         warnings.warn(f"{cell.key}: no purification strip: trajectory failed: {type(exc).__name__}: {exc}")
         return []
-    n = frames.shape[0]
-    kinds = ["adversarial", "diffused (t*)", *["mid-way"] * (n - 3), "purified"]
     frames = torch.cat([frames, x[keep].detach().cpu()[None]])
-    return [(int(indices[i]), f, kind, png.from_tensor(frames[f, j]))
-            for j, i in enumerate(keep) for f, kind in enumerate([*kinds, "clean"])]
+    labels = [str(lbl) for lbl in labels] + ["clean"]
+    return [(int(indices[i]), f, label, png.from_tensor(frames[f, j]))
+            for j, i in enumerate(keep) for f, label in enumerate(labels)]
 
 
 @dataclass
 class ShardResult:
+    # (image_index, variant, label, clean_flags, adv_flags or None, distance or None)
     rows: list[tuple]
     stats: dict
     seconds: float
-    samples: list[tuple] = field(default_factory=list)   # (image_index, frame, kind, png): see strip_samples
+    samples: list[tuple] = field(default_factory=list)   # (image_index, frame, label, png): see strip_samples
 
 
-def evaluate_shard(suite: Suite, cell: Cell, comps: Components, indices: Sequence[int],
-                   repeats: int | None = None) -> ShardResult:
+def _clean(resolved: ResolvedSuite, comps: Components, cell: Cell, model: DefendedModel, x: Tensor, y: Tensor,
+           indices: Sequence[int]) -> list[str]:
+    """Clean verdicts depend on (classifier, defense, dataset, image) only: computed once per image
+    of a group and shared by its attacks."""
+    suite = resolved.suite
+    tag = "clean" if cell.kind == "attack" else "clean-split"
+    todo = [k for k, i in enumerate(indices) if (cell.group, tag, i) not in comps.clean_flags]
+    if todo:
+        flags = clean_verdicts(model, x[todo], y[todo], [indices[k] for k in todo], (suite.seed, cell.group), tag,
+                               suite.eval.repeats, suite.eval.batch_size)
+        comps.clean_flags.update({(cell.group, tag, indices[k]): f for k, f in zip(todo, flags)})
+    return [comps.clean_flags[cell.group, tag, i] for i in indices]
+
+
+def evaluate_shard(resolved: ResolvedSuite, comps: Components, cell: Cell, indices: Sequence[int]) -> ShardResult:
     """Evaluate the images at `indices` for one cell. Raises CellFailure on an invalid example."""
     t0 = time.perf_counter()
-    device, bs = comps.device, suite.eval.batch_size
-    x, y = comps.dataset.get(indices)
+    suite, device = resolved.suite, comps.device
+    x, y = comps.dataset(cell).get(indices)
     x, y = x.to(device), y.to(device)
+    attack = comps.attacks[cell.attack.id] if cell.attack is not None else None
     model = comps.defended(cell)
-    reps = (repeats or suite.eval.repeats) if model.stochastic else 1
-    group = f"{cell.classifier.id}/{cell.defense.id}"
-    # Clean verdicts depend on (classifier, defense, image) only: identical across attacks, so
-    # they are computed once per shard of a group.
-    key = (group, tuple(indices))
-    if key not in comps.clean_flags:
-        comps.clean_flags[key] = clean_verdicts(model, x, y, indices, (suite.seed, group), "clean", reps, bs)
-    clean_flags = comps.clean_flags[key]
-    attack = comps.attacks[cell.attack.id]
-    ctx = AttackContext(device=device, seed=derive_seed(suite.seed, cell.key, indices[0]) % 2**31,
-                        undefended=comps.classifiers[cell.classifier.id], batch_size=bs)
+    clean_flags = _clean(resolved, comps, cell, model, x, y, indices)
+    if attack is None:
+        rows = [(int(idx), "", int(y[k]), clean_flags[k], None, None) for k, idx in enumerate(indices)]
+        return ShardResult(rows, {}, time.perf_counter() - t0)
+    model = comps.defended(cell, attack)
+    threat = resolved.threats[cell.attack.id]
+    ctx_base = {"device": device, "undefended": comps.classifiers[cell.classifier.id],
+                "batch_size": suite.eval.batch_size}
     rows, stats, samples = [], {}, None
-    for variant, sub, x_adv, result in run_attack(model, attack, x, y, ctx, (suite.seed, cell.key)):
+    for variant, x_adv, extra, result in run_attack(model, attack, threat, x, y, indices, ctx_base,
+                                                    (suite.seed, cell.key)):
         if samples is None:  # the first variant's examples
             samples = strip_samples(model.purifier, suite.seed, cell, indices, x, x_adv)
-        distance = sub.threat.distance(x, x_adv, result.extra).cpu().tolist()
-        adv = [_classify(model, x_adv, y, [derive_seed(suite.seed, cell.key, variant, i, "adv", r) for i in indices], bs)
-               for r in range(reps)]
+        distance = threat.distance(x, x_adv, extra).cpu().tolist()
+        adv = [_classify(model, x_adv, y, [derive_seed(suite.seed, cell.key, variant, i, "adv", r) for i in indices],
+                         suite.eval.batch_size) for r in range(suite.eval.repeats if model.stochastic else 1)]
         adv_flags = _flags(adv)
-        for i, idx in enumerate(indices):
-            rows.append((int(idx), variant, int(y[i]), clean_flags[i], adv_flags[i], float(distance[i])))
-        stats.update({f"{variant}.{k}" if variant else k: v for k, v in result.stats.items()})
+        for k, idx in enumerate(indices):
+            rows.append((int(idx), variant, int(y[k]), clean_flags[k], adv_flags[k], float(distance[k])))
+        stats.update({f"{variant}.{k}" if variant else k: v for k, v in (result.stats or {}).items()
+                      if isinstance(v, (int, float))})
     return ShardResult(rows, stats, time.perf_counter() - t0, samples or [])
-
-
-def evaluate_split_shard(suite: Suite, classifier: str, defense: str, comps: Components,
-                         indices: Sequence[int]) -> ShardResult:
-    """Standard accuracy of (classifier, defense) on the whole split's images at `indices`:
-    rows (image_index, label, flags), `repeats` verdicts each for a stochastic defense."""
-    t0 = time.perf_counter()
-    x, y = comps.split.get(indices)
-    x, y = x.to(comps.device), y.to(comps.device)
-    purifier = comps.defenses[defense]
-    model = DefendedModel(comps.classifiers[classifier], purifier, gradient=default_gradient(purifier))
-    reps = suite.eval.repeats if model.stochastic else 1
-    flags = clean_verdicts(model, x, y, indices, (suite.seed, f"{classifier}/{defense}"), "clean-split", reps,
-                           suite.eval.batch_size)
-    rows = [(int(idx), int(y[k]), flags[k]) for k, idx in enumerate(indices)]
-    return ShardResult(rows, {}, time.perf_counter() - t0)

@@ -6,6 +6,9 @@ description=..., assets=fn)``: ``params`` is a pydantic model validating the sui
 ``assets(params)`` optionally lists the ``benchkit.assets.Asset`` files the component needs, so a
 run can check them all before it starts. Every hook here must be documented and tested
 (tests/test_hooks.py enforces both).
+
+A kind of component that only one plugin uses (DiffPure's score models) is not a host hook: the
+plugin declares it with ``register_component_kinds`` and ships its hookspec in its own module.
 """
 from __future__ import annotations
 
@@ -49,11 +52,14 @@ def register_attacks(register):
 
 
 @hookspec
-def register_score_models(register):
-    """Register diffusion score models: ``register(id, factory, params=Model, description=...)``.
+def register_component_kinds(register):
+    """Declare a component kind owned by this plugin: ``register(kind, hookspecs=module,
+    hook="register_<kind>", description=...)``.
 
-    ``factory(params)`` returns a score model (``benchkit_diffpure.score.ScoreModel``) that
-    defenses such as DiffPure look up by id.
+    ``hookspecs`` is the plugin's own module of ``@benchkit.hookspecs.hookspec`` functions; the host
+    adds it to the plugin manager, and ``hook`` (one of its specs, receiving a ``register`` callback
+    like ``register_datasets``) fills ``benchkit.registry.get(kind)``. Other plugins implement that
+    hook with ``@hookimpl(optionalhook=True)``, so they still load when the owner is not installed.
     """
 
 

@@ -61,7 +61,8 @@ def summarise(rows: list) -> dict:
     by_variant: dict[str, dict[int, str]] = {}
     clean: dict[int, str] = {}
     for r in rows:
-        by_variant.setdefault(r["variant"], {})[r["image_index"]] = r["adv_flags"]
+        if r["adv_flags"] is not None:   # None: a clean cell's row (no attack)
+            by_variant.setdefault(r["variant"], {})[r["image_index"]] = r["adv_flags"]
         clean[r["image_index"]] = r["clean_flags"]
     images = sorted(clean)
     variants = sorted(by_variant)

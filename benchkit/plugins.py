@@ -2,10 +2,18 @@
 
 BENCHKIT_LOAD_PLUGINS=a,b loads only the named entry points (empty: none);
 BENCHKIT_DISABLE_PLUGINS=a,b skips the named ones.
+
+A plugin may own a kind of component (DiffPure: score models): it declares the kind with the
+``register_component_kinds`` hook and ships the hookspec in its own module, which the manager adds
+after loading every plugin. Other plugins implement such a hook with ``@hookimpl(optionalhook=True)``:
+when the owner is not loaded the implementation is simply never called, while ``check_pending``
+still refuses misspelt hooks of every non-optional implementation.
 """
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
+from types import ModuleType
 
 import importlib.metadata as md
 
@@ -21,6 +29,18 @@ DEFAULT_PLUGINS: tuple[str, ...] = ()
 
 # entry-point name -> (distribution, version), for `benchkit plugins` and run provenance.
 _DISTS: dict[str, tuple[str, str]] = {}
+# Entry points the environment kept out of the last manager: named when a component is missing.
+_SKIPPED: list[str] = []
+
+
+@dataclass(frozen=True)
+class ComponentKind:
+    """A kind of component declared by a plugin; the implementations of `hook` fill its registry."""
+
+    kind: str
+    hook: str
+    description: str
+    plugin: str
 
 
 def _names(var: str) -> set[str] | None:
@@ -36,8 +56,12 @@ def make_plugin_manager() -> pluggy.PluginManager:
     for mod in DEFAULT_PLUGINS:
         pm.register(__import__(mod, fromlist=["_"]), name=mod)
     only, skip = _names("BENCHKIT_LOAD_PLUGINS"), _names("BENCHKIT_DISABLE_PLUGINS") or set()
+    _SKIPPED.clear()
     for ep in md.entry_points(group=ENTRY_POINT_GROUP):
-        if ep.name in skip or (only is not None and ep.name not in only) or pm.get_plugin(ep.name):
+        if ep.name in skip or (only is not None and ep.name not in only):
+            _SKIPPED.append(ep.name)
+            continue
+        if pm.get_plugin(ep.name):
             continue
         try:
             plugin = ep.load()
@@ -47,8 +71,59 @@ def make_plugin_manager() -> pluggy.PluginManager:
         pm.register(plugin, name=ep.name)
         if ep.dist is not None:
             _DISTS[ep.name] = (ep.dist.name, ep.dist.version)
-    pm.check_pending()
+    # Plugin-owned hookspecs first: their implementations are pending until then.
+    component_kinds(pm)
+    try:
+        pm.check_pending()
+    except pluggy.PluginValidationError as exc:
+        raise BadInput(f"plugin '{pm.get_name(exc.plugin)}': {exc}") from None
     return pm
+
+
+def component_kinds(pm: pluggy.PluginManager) -> dict[str, ComponentKind]:
+    """The kinds the plugins of `pm` declare (``register_component_kinds``), each hookspec module
+    added to `pm` once. Called again after a plugin is registered by hand, it adds that plugin's."""
+    from benchkit.registry import KINDS
+
+    kinds: dict[str, ComponentKind] = {}
+    for impl in pm.hook.register_component_kinds.get_hookimpls():
+
+        def register(kind: str, *, hookspecs: ModuleType, hook: str, description: str = "",
+                     _plugin: str = impl.plugin_name) -> None:
+            where = f"plugin '{_plugin}': register_component_kinds"
+            if kind in KINDS or kind in kinds:
+                owner = "the host" if kind in KINDS else f"plugin '{kinds[kind].plugin}'"
+                raise BadInput(f"{where}: component kind '{kind}' is already declared by {owner}")
+            if not hasattr(getattr(hookspecs, hook, None), "benchkit_spec"):
+                raise BadInput(f"{where}: '{hook}' is not a benchkit hookspec of module {hookspecs.__name__}")
+            _add_hookspecs(pm, hookspecs, hook, where)
+            kinds[kind] = ComponentKind(kind, hook, description, _plugin)
+
+        try:
+            impl.function(register=register)
+        except BadInput:
+            raise
+        except Exception as exc:
+            raise BadInput(f"plugin '{impl.plugin_name}': register_component_kinds failed: "
+                           f"{type(exc).__name__}: {exc}") from None
+    return kinds
+
+
+def _add_hookspecs(pm: pluggy.PluginManager, module: ModuleType, hook: str, where: str) -> None:
+    caller = getattr(pm.hook, hook, None)
+    if caller is not None and caller.spec is not None:
+        if caller.spec.namespace is not module:  # two owners of one hook name
+            raise BadInput(f"{where}: hook '{hook}' is already specified by {caller.spec.namespace.__name__}")
+        return
+    try:
+        pm.add_hookspecs(module)
+    except pluggy.PluginValidationError as exc:  # an implementation that does not match the spec
+        raise BadInput(f"{where}: {exc}") from None
+
+
+def not_loaded() -> list[str]:
+    """Entry points that BENCHKIT_LOAD_PLUGINS / BENCHKIT_DISABLE_PLUGINS kept out of the manager."""
+    return list(_SKIPPED)
 
 
 _pm: pluggy.PluginManager | None = None

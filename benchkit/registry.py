@@ -9,12 +9,12 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from benchkit.errors import BadInput
 
+# The host's kinds. Plugins declare more with the register_component_kinds hook (see kinds()).
 KINDS = {
     "datasets": "register_datasets",
     "classifiers": "register_classifiers",
     "defenses": "register_defenses",
     "attacks": "register_attacks",
-    "score-models": "register_score_models",
 }
 
 
@@ -32,6 +32,9 @@ class Entry:
     plugin: str
     # Files the component needs for given params (benchkit.assets.Asset list), checked before a run.
     assets: Callable[[Any], list] | None = None
+    # Attacks: params -> the benchkit.threat.ThreatModel the host verifies every example against
+    # (never what the attack object says about itself).
+    threat: Callable[[Any], Any] | None = None
 
     def validate(self, params: dict | None, where: str) -> BaseModel:
         """Params checked by the plugin's own model; problems raised as 'where.params.key: msg'."""
@@ -61,11 +64,15 @@ class Registry:
         self.entries: dict[str, Entry] = {}
 
     def add(self, id: str, factory: Callable, *, params: type[BaseModel] = NoParams,
-            description: str = "", plugin: str = "?", assets: Callable[[Any], list] | None = None) -> None:
+            description: str = "", plugin: str = "?", assets: Callable[[Any], list] | None = None,
+            threat: Callable[[Any], Any] | None = None) -> None:
         if id in self.entries:
             other = self.entries[id].plugin
             raise ValueError(f"{self.kind[:-1]} id '{id}' registered twice (by {other} and {plugin})")
-        self.entries[id] = Entry(self.kind, id, factory, params, description, plugin, assets)
+        if self.kind == "attacks" and threat is None:
+            raise ValueError(f"attack '{id}' registered without threat= (params -> the threat model the host "
+                             "verifies its examples against)")
+        self.entries[id] = Entry(self.kind, id, factory, params, description, plugin, assets, threat)
 
     def get(self, id: str, where: str = "") -> Entry:
         if id in self.entries:
@@ -73,7 +80,7 @@ class Registry:
         close = difflib.get_close_matches(id, list(self.entries), n=1, cutoff=0.6)
         hint = f"; did you mean '{close[0]}'?" if close else f"; known: {', '.join(sorted(self.entries)) or 'none'}"
         prefix = f"{where}: " if where else ""
-        raise BadInput(f"{prefix}unknown {self.kind[:-1]} plugin '{id}'{hint}")
+        raise BadInput(f"{prefix}unknown {self.kind[:-1]} plugin '{id}'{hint}{_not_loaded_hint()}")
 
     def __contains__(self, id: str) -> bool:
         return id in self.entries
@@ -85,12 +92,29 @@ class Registry:
 _registries: dict[str, Registry] | None = None
 
 
+def _not_loaded_hint() -> str:
+    # A component of a disabled plugin is not a typo: say which plugins were left out.
+    from benchkit.plugins import not_loaded
+
+    skipped = not_loaded()
+    return f" (plugins not loaded: {', '.join(sorted(skipped))})" if skipped else ""
+
+
+def kinds() -> dict[str, str]:
+    """Every kind of component of the loaded plugins, kind -> the hook filling it: the host's KINDS,
+    then, by name, the kinds plugins declare with register_component_kinds (score-models with DiffPure)."""
+    from benchkit.plugins import component_kinds, get_plugin_manager
+
+    declared = component_kinds(get_plugin_manager())
+    return {**KINDS, **{k: declared[k].hook for k in sorted(declared)}}
+
+
 def _collect() -> dict[str, Registry]:
     from benchkit.plugins import get_plugin_manager
 
     pm = get_plugin_manager()
     regs = {}
-    for kind, hook_name in KINDS.items():
+    for kind, hook_name in kinds().items():
         reg = Registry(kind)
         hook = getattr(pm.hook, hook_name)
         for impl in hook.get_hookimpls():
@@ -98,8 +122,9 @@ def _collect() -> dict[str, Registry]:
 
             def register(id: str, factory: Callable, params: type[BaseModel] = NoParams,
                          description: str = "", assets: Callable[[Any], list] | None = None,
-                         _reg=reg, _name=plugin_name) -> None:
-                _reg.add(id, factory, params=params, description=description, plugin=_name, assets=assets)
+                         threat: Callable[[Any], Any] | None = None, _reg=reg, _name=plugin_name) -> None:
+                _reg.add(id, factory, params=params, description=description, plugin=_name, assets=assets,
+                         threat=threat)
 
             try:
                 impl.function(register=register)
@@ -112,9 +137,12 @@ def _collect() -> dict[str, Registry]:
 
 
 def get(kind: str) -> Registry:
+    """The registry of one kind; BadInput (one line) when no loaded plugin provides the kind."""
     global _registries
     if _registries is None:
         _registries = _collect()
+    if kind not in _registries:
+        raise BadInput(f"unknown component kind '{kind}' (known: {', '.join(_registries)}){_not_loaded_hint()}")
     return _registries[kind]
 
 

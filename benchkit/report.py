@@ -25,89 +25,99 @@ def _fmt(acc: metrics.Accuracy | None, std: bool = True) -> str:
 
 
 def collect(store: Store, run_id: int | None = None) -> dict:
-    """The rows of a run's leaderboard: every cell of its suite that has stored results."""
-    run = store.latest_run() if run_id is None else store.db.execute("SELECT * FROM runs WHERE id=?", (run_id,)).fetchone()
+    """The rows of a run's leaderboard: every cell of its suite, with what is stored for it."""
+    run = store.latest_run() if run_id is None else store.run(run_id)
     if run is None:
         return {"run": None, "rows": [], "references": [], "groups": [], "split": []}
     suite = json.loads(run["suite_json"])
-    cell_ids = json.loads(run["provenance_json"]).get("cell_ids", {})
-    rows = []
+    prov = json.loads(run["provenance_json"])
+    cell_ids, cell_n = prov.get("cell_ids", {}), prov.get("cell_n", {})
+    rows, split = [], []
     for key, cell_id in cell_ids.items():
         cell = store.cell(cell_id)
-        examples = store.examples(cell_id)
-        shards = store.shards(cell_id)
+        n_expected = cell_n.get(key, cell["n_images"])
+        examples = [e for e in store.examples(cell_id) if e["image_index"] < n_expected]
         s = metrics.summarise(examples) if examples else None
-        failures = store.failures(cell_id)
-        complete = len(shards) == cell["n_shards"]
-        rows.append({
-            "key": key, "classifier": cell["classifier"], "defense": cell["defense"], "attack": cell["attack"],
-            "n": s["n"] if s else 0, "n_expected": cell["n_images"], "complete": complete,
-            "clean": s["clean"] if s else None, "robust": s["robust"] if s else None,
-            "per_variant": s["per_variant"] if s else {},
-            "checks": [dict(c) | {"numbers": json.loads(c["numbers_json"])} for c in store.checks(cell_id)],
-            "failures": [f["message"] for f in failures],
-            "status": "failed" if failures and not complete else ("done" if complete else "partial"),
-            "seconds": sum(sh["seconds"] for sh in shards),
-        })
-    prov = json.loads(run["provenance_json"])
+        failures = [f["message"] for f in store.failures(cell_id, run["id"])]
+        n = s["n"] if s else 0
+        complete = n == n_expected and not failures
+        # A cell without all its results is never shown as complete: failed, or not (fully) run.
+        status = "failed" if failures else ("done" if complete else ("not run" if n == 0 else "partial"))
+        row = {"key": key, "kind": cell["kind"], "classifier": cell["classifier"], "defense": cell["defense"],
+               "attack": cell["attack"], "n": n, "n_expected": n_expected, "complete": complete, "status": status,
+               "clean": s["clean"] if s else None, "robust": s["robust"] if s else None,
+               "per_variant": s["per_variant"] if s else {}, "failures": failures,
+               "checks": [dict(c) | {"numbers": json.loads(c["numbers_json"])} for c in store.checks(cell_id)],
+               "seconds": sum(sh["seconds"] for sh in store.shards(cell_id)), "cell_id": cell_id}
+        (split if cell["kind"] == "clean" else rows).append(row)
     references = suite.get("references", [])
     for r in rows:
         r["paper"] = matching_reference(references, r)
-    data = {"run": dict(run), "suite": suite, "provenance": prov, "rows": rows, "split": split_clean(store, prov),
-            "references": references, "groups": worst_case_groups(store, rows, cell_ids)}
-    return data | {"curves": curves(data), "strips": strips(store, rows, cell_ids)}
+    data = {"run": dict(run), "suite": suite, "provenance": prov, "rows": rows, "split": split,
+            "references": references, "groups": worst_case_groups(store, rows)}
+    return data | {"curves": curves(data), "strips": strips(store, rows)}
 
 
-def _sweeps(data: dict, kind: str, param: str, fixed: tuple[str, str]) -> list[tuple[tuple, list]]:
-    """Cells whose `kind` components (defenses or attacks) differ only in params[param], grouped with
-    everything else (the `fixed` cell fields, plugin, gradient, other params) equal; only groups with
-    at least two values of param. Values are read from the stored resolved suite."""
-    specs = {c["id"]: c for c in data["suite"].get(kind, [])}
-    groups: dict[tuple, list] = {}
+def _sweep_groups(data: dict, over: str, param: str | None) -> list[tuple[str, tuple, list]]:
+    """Cells whose `over` components (defenses or attacks) differ only in one numeric param, grouped
+    with everything else equal (the other cell fields, plugin, gradient, other params); only groups
+    with at least two values. With param None, every param that varies so is found. Returns
+    (param, group key, [(value, row)])."""
+    specs = {c["id"]: c for c in data["suite"].get(over, [])}
+    fixed = ("classifier", "attack") if over == "defenses" else ("classifier", "defense")
+    found: dict[tuple, list] = {}
     for r in data["rows"]:
-        spec = specs.get(r[kind[:-1]])
-        if r["robust"] is None or spec is None or not isinstance(spec.get("params", {}).get(param), (int, float)):
+        spec = specs.get(r[over[:-1]])
+        if r["robust"] is None or spec is None:
             continue
-        rest = {k: v for k, v in spec.items() if k not in ("id", "description", "params")}
-        rest["params"] = {k: v for k, v in spec["params"].items() if k != param}
-        key = (*(r[f] for f in fixed), json.dumps(rest, sort_keys=True, default=str))
-        groups.setdefault(key, []).append((float(spec["params"][param]), r))
-    return [(k, sorted(v, key=lambda p: p[0])) for k, v in groups.items() if len({x for x, _ in v}) > 1]
+        params = spec.get("params", {})
+        for name in ([param] if param else sorted(params)):
+            value = params.get(name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                continue
+            rest = {k: v for k, v in spec.items() if k not in ("id", "description", "params")}
+            rest["params"] = {k: v for k, v in params.items() if k != name}
+            key = (name, *(r[f] for f in fixed), json.dumps(rest, sort_keys=True, default=str))
+            found.setdefault(key, []).append((float(value), r))
+    return [(k[0], k[1:3], sorted(v, key=lambda p: p[0])) for k, v in found.items() if len({x for x, _ in v}) > 1]
 
 
 def curves(data: dict) -> list[dict]:
-    """The run's sweeps as chart data: accuracy against t* for defenses that differ only in t_star
-    (the paper's Figure 3; the same cell with the identity defense, if any, is t* = 0) and robust
-    accuracy against EOT samples for attacks that differ only in eot (Figure 6)."""
+    """The run's sweeps as chart data: the suite's `sweeps:` if it has them, else every single
+    numeric param that varies between otherwise identical defenses (standard and robust accuracy)
+    or attacks (robust accuracy)."""
+    declared = data["suite"].get("sweeps")
+    sweeps = declared if declared is not None else [{"over": o, "param": None} for o in ("defenses", "attacks")]
     out = []
-    plugin = {d["id"]: d["plugin"] for d in data["suite"].get("defenses", [])}
-    undefended = {(r["classifier"], r["attack"]): r for r in data["rows"]
-                  if r["robust"] is not None and plugin.get(r["defense"]) == "identity"}
-    for (clf, attack, _), cells in _sweeps(data, "defenses", "t_star", ("classifier", "attack")):
-        if (clf, attack) in undefended:   # t* = 0: no purification
-            cells = [(0.0, undefended[clf, attack]), *cells]
-        out.append({"kind": "t_star", "title": f"{clf} · {attack}: accuracy vs t*", "x_label": "t*",
-                    "cells": [r["key"] for _, r in cells],
-                    "series": [{"label": "standard", "points": [(t, r["clean"].mean) for t, r in cells]},
-                               {"label": f"robust ({attack})", "points": [(t, r["robust"].mean) for t, r in cells]}]})
-    for (clf, defense, _), cells in _sweeps(data, "attacks", "eot", ("classifier", "defense")):
-        out.append({"kind": "eot", "title": f"{clf} · {defense}: robust accuracy vs EOT samples", "x_label": "EOT samples",
-                    "cells": [r["key"] for _, r in cells],
-                    "series": [{"label": f"robust ({', '.join(dict.fromkeys(r['attack'] for _, r in cells))})",
-                                "points": [(n, r["robust"].mean) for n, r in cells]}]})
+    for sw in sweeps:
+        over = sw["over"]
+        for param, (clf, other), cells in _sweep_groups(data, over, sw.get("param")):
+            for comp_id, x in (sw.get("points") or {}).items():   # e.g. the undefended model at t* = 0
+                extra = next((r for r in data["rows"] if r["robust"] is not None and r["classifier"] == clf
+                              and r[over[:-1]] == comp_id and r["defense" if over == "attacks" else "attack"] == other), None)
+                if extra is not None:
+                    cells = sorted([*cells, (float(x), extra)], key=lambda p: p[0])
+            label = sw.get("label") or param
+            what = f"{clf} · {other}"
+            series = [{"label": f"robust ({other})" if over == "defenses" else "robust",
+                       "points": [(v, r["robust"].mean) for v, r in cells]}]
+            if over == "defenses":
+                series.insert(0, {"label": "standard", "points": [(v, r["clean"].mean) for v, r in cells]})
+            out.append({"kind": f"{over}:{param}", "title": f"{what}: accuracy vs {label}", "x_label": label,
+                        "cells": [r["key"] for _, r in cells], "series": series})
     return out
 
 
-def strips(store: Store, rows: list[dict], cell_ids: dict) -> list[dict]:
+def strips(store: Store, rows: list[dict]) -> list[dict]:
     """Stored purification frames (see evaluate.strip_samples) per cell, one row per image, with the
     image's label and in how many evaluation repeats it stayed correct under attack (all variants)."""
     out = []
     for r in rows:
-        samples = store.samples(cell_ids[r["key"]])
+        samples = store.samples(r["cell_id"])
         if not samples:
             continue
         verdicts: dict[int, tuple[int, list[str]]] = {}
-        for e in store.examples(cell_ids[r["key"]]):
+        for e in store.examples(r["cell_id"]):
             verdicts.setdefault(e["image_index"], (e["label"], []))[1].append(e["adv_flags"])
         images: dict[int, list] = {}
         for s in samples:
@@ -131,34 +141,22 @@ def matching_reference(references: list[dict], row: dict) -> dict | None:
     return None
 
 
-def split_clean(store: Store, provenance: dict) -> list[dict]:
-    """Standard accuracy per (classifier, defense) on the dataset's whole split (eval.clean_on: split)."""
-    out = []
-    for key, gid in provenance.get("split_ids", {}).items():
-        group = store.split_group(gid)
-        examples = store.split_examples(gid)
-        shards, seconds = store.split_seconds(gid)
-        out.append({"key": key, "classifier": group["classifier"], "defense": group["defense"], "n": len(examples),
-                    "n_expected": group["n_images"], "complete": shards == group["n_shards"], "seconds": seconds,
-                    "clean": metrics.accuracy(metrics.flags_matrix([e["flags"] for e in examples])) if examples else None})
-    return out
-
-
-def worst_case_groups(store: Store, rows: list[dict], cell_ids: dict) -> list[dict]:
+def worst_case_groups(store: Store, rows: list[dict]) -> list[dict]:
     """Per (classifier, defense): robust only if an image survives every attack of the suite."""
-    groups: dict[tuple, list[int]] = {}
+    groups: dict[tuple, list[dict]] = {}
     for r in rows:
         if r["complete"] and r["n"]:
-            groups.setdefault((r["classifier"], r["defense"]), []).append(cell_ids[r["key"]])
+            groups.setdefault((r["classifier"], r["defense"]), []).append(r)
     out = []
-    for (clf, dfn), ids in groups.items():
-        if len(ids) < 2:
+    for (clf, dfn), cells in groups.items():
+        if len(cells) < 2:
             continue
-        per_cell = [metrics.summarise(store.examples(i)) for i in ids]
+        per_cell = [metrics.summarise([e for e in store.examples(r["cell_id"]) if e["image_index"] < r["n_expected"]])
+                    for r in cells]
         mats = [c["robust_flags"] for c in per_cell]
         if len({m.shape for m in mats}) != 1:
             continue
-        out.append({"classifier": clf, "defense": dfn, "attacks": len(ids),
+        out.append({"classifier": clf, "defense": dfn, "attacks": len(cells),
                     "clean": per_cell[0]["clean"], "robust": metrics.accuracy(metrics.worst_case(mats))})
     return out
 
@@ -168,7 +166,12 @@ def table(data: dict, fmt: str = "table") -> str:
     body = []
     for r in data["rows"]:
         failed = [c["name"] for c in r["checks"] if c["status"] == "fail"]
-        flag = "FAILED: " + r["failures"][0] if r["status"] == "failed" else (", ".join(f"! {f}" for f in failed) or "ok")
+        if r["status"] == "failed":
+            flag = "FAILED: " + r["failures"][0]
+        elif r["status"] != "done":
+            flag = r["status"].upper()
+        else:
+            flag = ", ".join(f"! {f}" for f in failed) or ("ok" if r["checks"] else "no checks")
         body.append([r["classifier"], r["defense"], r["attack"], f"{r['n']}/{r['n_expected']}", _fmt(r["clean"]),
                      _fmt(r["robust"]), _fmt(r["robust"], False) if r["robust"] is None else f"{r['robust'].worst:.2f}",
                      "-" if r["robust"] is None else f"{r['robust'].majority:.2f}", flag])
@@ -177,7 +180,7 @@ def table(data: dict, fmt: str = "table") -> str:
                      _fmt(g["robust"]), f"{g['robust'].worst:.2f}", f"{g['robust'].majority:.2f}", ""])
     for g in data.get("split", []):
         body.append([g["classifier"], g["defense"], "none (whole split)", f"{g['n']}/{g['n_expected']}", _fmt(g["clean"]),
-                     "", "", "", "" if g["complete"] else "partial"])
+                     "", "", "", "FAILED: " + g["failures"][0] if g["failures"] else ("" if g["complete"] else g["status"])])
     for ref in data["references"]:
         body.append([ref.get("classifier") or "", ref["defense"], f"{ref['attack']} (reference)", "",
                      "" if ref.get("standard") is None else f"{ref['standard']:.2f}",

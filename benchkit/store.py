@@ -81,6 +81,23 @@ MIGRATIONS: list[tuple[str, str]] = [
         PRIMARY KEY (group_id, image_index)
     );
     """),
+    # One pipeline: whole-split standard accuracy becomes an ordinary cell of kind 'clean' (its
+    # rows have no adversarial verdict), so the split tables move into cells / shards / examples.
+    ("0004_clean_cells", """
+    ALTER TABLE cells ADD COLUMN kind TEXT NOT NULL DEFAULT 'attack';
+    CREATE TABLE examples_new (
+        cell_id INTEGER NOT NULL REFERENCES cells(id), image_index INTEGER NOT NULL,
+        variant TEXT NOT NULL, label INTEGER NOT NULL,
+        clean_flags TEXT NOT NULL,   -- '1'/'0' per evaluation repeat: correct on the clean input
+        adv_flags TEXT,              -- '1'/'0' per repeat on the verified adversarial input (NULL in clean cells)
+        distance REAL,               -- perturbation size in the threat model's norm
+        PRIMARY KEY (cell_id, image_index, variant)
+    );
+    INSERT INTO examples_new SELECT * FROM examples;
+    DROP TABLE examples;
+    ALTER TABLE examples_new RENAME TO examples;
+    """),
+    ("0005_move_split_groups", "python:_move_split_groups"),
 ]
 
 
@@ -101,9 +118,35 @@ class Store:
             if name in done:
                 continue
             with self.transaction():
-                for stmt in filter(str.strip, sql.split(";")):
-                    self.db.execute(stmt)
+                if sql.startswith("python:"):
+                    getattr(self, sql.removeprefix("python:"))()
+                else:
+                    for stmt in filter(str.strip, sql.split(";")):
+                        self.db.execute(stmt)
                 self.db.execute("INSERT INTO migrations VALUES (?, ?)", (name, time.time()))
+
+    def _move_split_groups(self) -> None:
+        """Split groups become clean cells (same numbers, new ids); old runs' provenance follows."""
+        moved: dict[int, int] = {}
+        for g in self.db.execute("SELECT * FROM split_groups").fetchall():
+            cur = self.db.execute(
+                "INSERT INTO cells (key, config_hash, classifier, defense, attack, config_json, variants_json,"
+                " n_images, n_shards, repeats, kind) VALUES (?,?,?,?,'',?,'[\"\"]',?,?,?,'clean')",
+                (g["key"], g["config_hash"], g["classifier"], g["defense"], g["config_json"], g["n_images"],
+                 g["n_shards"], g["repeats"]))
+            moved[g["id"]] = int(cur.lastrowid)
+            self.db.execute("INSERT INTO examples SELECT ?, image_index, '', label, flags, NULL, NULL "
+                            "FROM split_examples WHERE group_id=?", (cur.lastrowid, g["id"]))
+            self.db.execute("INSERT INTO shards SELECT ?, shard, run_id, 0, n, seconds, '{}', committed "
+                            "FROM split_shards WHERE group_id=?", (cur.lastrowid, g["id"]))
+        for run in self.db.execute("SELECT id, provenance_json FROM runs").fetchall():
+            prov = json.loads(run["provenance_json"])
+            split = prov.pop("split_ids", {})
+            if split:
+                prov.setdefault("cell_ids", {}).update({k: moved[g] for k, g in split.items() if g in moved})
+                self.db.execute("UPDATE runs SET provenance_json=? WHERE id=?", (json.dumps(prov), run["id"]))
+        for table in ("split_examples", "split_shards", "split_groups"):
+            self.db.execute(f"DROP TABLE {table}")
 
     def transaction(self):
         return _Tx(self.db)
@@ -126,28 +169,33 @@ class Store:
         with self.transaction():
             self.db.execute("UPDATE runs SET finished=?, status=? WHERE id=?", (time.time(), status, run_id))
 
-    def ensure_cell(self, key: str, config_hash: str, classifier: str, defense: str, attack: str,
-                    config: dict, variants: list[str], n_images: int, n_shards: int, repeats: int) -> int:
+    def ensure_cell(self, key: str, config_hash: str, kind: str, classifier: str, defense: str, attack: str,
+                    config: dict, variants: list[str], n_images: int, repeats: int) -> int:
+        """The stored cell with this key and configuration (created if new); n_images is the latest
+        run's image count."""
         row = self.db.execute("SELECT id FROM cells WHERE key=? AND config_hash=?", (key, config_hash)).fetchone()
-        if row:
-            return int(row[0])
         with self.transaction():
+            if row:
+                self.db.execute("UPDATE cells SET n_images=? WHERE id=?", (n_images, row[0]))
+                return int(row[0])
             cur = self.db.execute(
-                "INSERT INTO cells (key, config_hash, classifier, defense, attack, config_json, variants_json,"
-                " n_images, n_shards, repeats) VALUES (?,?,?,?,?,?,?,?,?,?)",
-                (key, config_hash, classifier, defense, attack, json.dumps(config), json.dumps(variants),
-                 n_images, n_shards, repeats))
+                "INSERT INTO cells (key, config_hash, kind, classifier, defense, attack, config_json, variants_json,"
+                " n_images, n_shards, repeats) VALUES (?,?,?,?,?,?,?,?,?,0,?)",
+                (key, config_hash, kind, classifier, defense, attack, json.dumps(config), json.dumps(variants),
+                 n_images, repeats))
             return int(cur.lastrowid)
 
-    def committed_shards(self, cell_id: int) -> set[int]:
-        return {r[0] for r in self.db.execute("SELECT shard FROM shards WHERE cell_id=?", (cell_id,))}
+    def stored_images(self, cell_id: int) -> set[int]:
+        return {r[0] for r in self.db.execute("SELECT DISTINCT image_index FROM examples WHERE cell_id=?", (cell_id,))}
 
-    def commit_shard(self, cell_id: int, shard: int, run_id: int, first_index: int, rows: Iterable[tuple],
-                     seconds: float, stats: dict, samples: Iterable[tuple] = ()) -> None:
+    def commit_shard(self, cell_id: int, run_id: int, rows: Iterable[tuple], seconds: float, stats: dict,
+                     samples: Iterable[tuple] = ()) -> None:
         """rows: (image_index, variant, label, clean_flags, adv_flags, distance);
-        samples: (image_index, frame, kind, png bytes). All or nothing."""
+        samples: (image_index, frame, label, png bytes). All or nothing."""
         rows = list(rows)
         with self.transaction():
+            shard = self.db.execute("SELECT COALESCE(MAX(shard) + 1, 0) FROM shards WHERE cell_id=?",
+                                    (cell_id,)).fetchone()[0]
             self.db.executemany("INSERT INTO samples (cell_id, image_index, frame, kind, png) VALUES (?,?,?,?,?)",
                                 [(cell_id, *s) for s in samples])
             self.db.executemany(
@@ -156,48 +204,12 @@ class Store:
             self.db.execute(
                 "INSERT INTO shards (cell_id, shard, run_id, first_index, n, seconds, stats_json, committed)"
                 " VALUES (?,?,?,?,?,?,?,?)",
-                (cell_id, shard, run_id, first_index, len({r[0] for r in rows}), seconds,
+                (cell_id, shard, run_id, min((r[0] for r in rows), default=0), len({r[0] for r in rows}), seconds,
                  json.dumps(stats), time.time()))
 
-    def ensure_split_group(self, key: str, config_hash: str, classifier: str, defense: str, config: dict,
-                           n_images: int, n_shards: int, repeats: int) -> int:
-        row = self.db.execute("SELECT id FROM split_groups WHERE key=? AND config_hash=?", (key, config_hash)).fetchone()
-        if row:
-            return int(row[0])
+    def record_failure(self, cell_id: int, run_id: int, message: str) -> None:
         with self.transaction():
-            cur = self.db.execute(
-                "INSERT INTO split_groups (key, config_hash, classifier, defense, config_json, n_images, n_shards,"
-                " repeats) VALUES (?,?,?,?,?,?,?,?)",
-                (key, config_hash, classifier, defense, json.dumps(config), n_images, n_shards, repeats))
-            return int(cur.lastrowid)
-
-    def committed_split_shards(self, group_id: int) -> set[int]:
-        return {r[0] for r in self.db.execute("SELECT shard FROM split_shards WHERE group_id=?", (group_id,))}
-
-    def commit_split_shard(self, group_id: int, shard: int, run_id: int, rows: Iterable[tuple], seconds: float) -> None:
-        """rows: (image_index, label, flags). All or nothing."""
-        rows = list(rows)
-        with self.transaction():
-            self.db.executemany("INSERT INTO split_examples (group_id, image_index, label, flags) VALUES (?,?,?,?)",
-                                [(group_id, *r) for r in rows])
-            self.db.execute("INSERT INTO split_shards (group_id, shard, run_id, n, seconds, committed) VALUES (?,?,?,?,?,?)",
-                            (group_id, shard, run_id, len(rows), seconds, time.time()))
-
-    def split_group(self, group_id: int) -> sqlite3.Row:
-        return self.db.execute("SELECT * FROM split_groups WHERE id=?", (group_id,)).fetchone()
-
-    def split_examples(self, group_id: int) -> list[sqlite3.Row]:
-        return list(self.db.execute("SELECT * FROM split_examples WHERE group_id=? ORDER BY image_index", (group_id,)))
-
-    def split_seconds(self, group_id: int) -> tuple[int, float]:
-        """(committed shards, seconds spent)."""
-        row = self.db.execute("SELECT COUNT(*), COALESCE(SUM(seconds), 0) FROM split_shards WHERE group_id=?",
-                              (group_id,)).fetchone()
-        return int(row[0]), float(row[1])
-
-    def record_failure(self, cell_id: int, run_id: int, shard: int | None, message: str) -> None:
-        with self.transaction():
-            self.db.execute("INSERT INTO failures VALUES (?,?,?,?,?)", (cell_id, run_id, shard, message, time.time()))
+            self.db.execute("INSERT INTO failures VALUES (?,?,NULL,?,?)", (cell_id, run_id, message, time.time()))
 
     def save_checks(self, cell_id: int, run_id: int, results: list[Any]) -> None:
         with self.transaction():
@@ -231,8 +243,13 @@ class Store:
     def samples(self, cell_id: int) -> list[sqlite3.Row]:
         return list(self.db.execute("SELECT * FROM samples WHERE cell_id=? ORDER BY image_index, frame", (cell_id,)))
 
-    def failures(self, cell_id: int) -> list[sqlite3.Row]:
-        return list(self.db.execute("SELECT * FROM failures WHERE cell_id=? ORDER BY at", (cell_id,)))
+    def failures(self, cell_id: int, run_id: int | None = None) -> list[sqlite3.Row]:
+        if run_id is None:
+            return list(self.db.execute("SELECT * FROM failures WHERE cell_id=? ORDER BY at", (cell_id,)))
+        return list(self.db.execute("SELECT * FROM failures WHERE cell_id=? AND run_id=? ORDER BY at", (cell_id, run_id)))
+
+    def run(self, run_id: int) -> sqlite3.Row | None:
+        return self.db.execute("SELECT * FROM runs WHERE id=?", (run_id,)).fetchone()
 
 
 class _Tx:

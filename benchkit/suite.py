@@ -9,14 +9,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from benchkit import registry
 from benchkit.errors import BadInput
 
 GRADIENTS = Literal["exact", "adjoint", "bpda", "none"]
@@ -35,11 +33,27 @@ class DatasetSpec(_Strict):
         return self.model_copy(update={"params": {**self.params, "n": None}})
 
 
+def check_id(value: str) -> str:
+    """Ids name cells ('classifier/defense/attack') and reach terminals and CSV files."""
+    if not value:
+        raise ValueError("an id cannot be empty")
+    if "/" in value:
+        raise ValueError(f"'/' is not allowed in ids ('{value}'): cell keys join ids with '/'")
+    if any(ord(c) < 32 or ord(c) == 127 for c in value):
+        raise ValueError(f"control characters are not allowed in ids ({value!r})")
+    return value
+
+
 class ComponentSpec(_Strict):
     id: str
     plugin: str
     params: dict[str, Any] = Field(default_factory=dict)
     description: str = ""
+
+    @field_validator("id")
+    @classmethod
+    def _id(cls, v: str) -> str:
+        return check_id(v)
 
 
 class DefenseSpec(ComponentSpec):
@@ -77,6 +91,17 @@ class ChecksSpec(_Strict):
     subset: int = Field(16, ge=1, description="images used by the costlier checks")
 
 
+class SweepSpec(_Strict):
+    """A plotted sweep: the cells whose `over` components differ only in params[param]. Without a
+    `sweeps:` key the report finds them itself (any single numeric param that varies)."""
+    over: Literal["defenses", "attacks"]
+    param: str
+    label: str | None = Field(None, description="axis label (default: the param's name)")
+    points: dict[str, float] = Field(default_factory=dict,
+                                     description="other components of `over` placed on the axis, by id "
+                                                 "(e.g. the undefended model at t* = 0)")
+
+
 class Suite(_Strict):
     suite: str
     description: str = ""
@@ -90,6 +115,7 @@ class Suite(_Strict):
     cells: list[CellSpec] | None = None
     eval: EvalSpec = Field(default_factory=EvalSpec)
     checks: ChecksSpec = Field(default_factory=ChecksSpec)
+    sweeps: list[SweepSpec] | None = None
     references: list[ReferenceSpec] = Field(default_factory=list)
 
     @field_validator("classifiers", "defenses", "attacks")
@@ -110,33 +136,6 @@ class Suite(_Strict):
 
     def component(self, kind: str, id: str) -> ComponentSpec:
         return next(c for c in getattr(self, kind) if c.id == id)
-
-
-@dataclass(frozen=True)
-class Cell:
-    classifier: ComponentSpec
-    defense: DefenseSpec
-    attack: ComponentSpec
-
-    @property
-    def key(self) -> str:
-        return f"{self.classifier.id}/{self.defense.id}/{self.attack.id}"
-
-    def config(self, suite: Suite) -> dict:
-        """Everything that determines this cell's numbers (its hash keys the stored results)."""
-        return {"dataset": suite.dataset.model_dump(), "seed": suite.seed,
-                "eval": numbers_config(suite.eval),
-                "classifier": self.classifier.model_dump(exclude={"description"}),
-                "defense": self.defense.model_dump(exclude={"description"}),
-                "attack": self.attack.model_dump(exclude={"description"})}
-
-    def config_hash(self, suite: Suite) -> str:
-        return stable_hash(self.config(suite))
-
-
-def numbers_config(spec: EvalSpec) -> dict:
-    """The eval settings that change a cell's numbers (not where it runs, nor the extra split groups)."""
-    return {k: v for k, v in spec.model_dump().items() if k not in ("device", "clean_on")}
 
 
 def stable_hash(obj: Any) -> str:
@@ -194,64 +193,18 @@ def load_raw(path: str | Path) -> dict:
     return _read_yaml(Path(path).resolve(), ())
 
 
-def load_suite(path: str | Path, *, resolve: bool = True) -> Suite:
-    """Parse, merge includes, validate the schema and (with resolve) every plugin id and params."""
+def load_suite(path: str | Path) -> Suite:
+    """Parse, merge includes and validate the schema (plugin ids and params: benchkit.resolve)."""
     path = Path(path)
     raw = load_raw(path)
     try:
-        suite = Suite.model_validate(raw)
+        return Suite.model_validate(raw)
     except ValidationError as exc:
         lines = []
         for err in exc.errors():
-            msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
+            msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"].removeprefix("Value error, ")
             lines.append(f"{path}: {_loc(err['loc'])}: {msg}")
         raise BadInput(lines) from None
-    if resolve:
-        problems = resolve_problems(suite, path)
-        if problems:
-            raise BadInput(problems)
-    return suite
-
-
-def resolve_problems(suite: Suite, path: Path) -> list[str]:
-    """Every plugin id, params model and cross-reference checked; all problems returned."""
-    problems: list[str] = []
-
-    def check(kind: str, where: str, plugin: str, params: dict) -> None:
-        try:
-            registry.get(kind).get(plugin, where=f"{path}: {where}.plugin").validate(params, f"{path}: {where}")
-        except BadInput as exc:
-            problems.extend(exc.problems)
-
-    check("datasets", "dataset", suite.dataset.plugin, suite.dataset.params)
-    if suite.eval.clean_on == "split":
-        try:
-            fields = registry.get("datasets").get(suite.dataset.plugin).params.model_fields
-        except (BadInput, AttributeError):
-            fields = {"n": None}  # an unknown plugin is reported above
-        if "n" not in fields:
-            problems.append(f"{path}: eval.clean_on: 'split' needs a dataset plugin with an 'n' param "
-                            f"(unset for the whole split); '{suite.dataset.plugin}' has none")
-    for kind in ("classifiers", "defenses", "attacks"):
-        for i, comp in enumerate(getattr(suite, kind)):
-            check(kind, f"{kind}[{i}]", comp.plugin, comp.params)
-    ids = {k: {c.id for c in getattr(suite, k)} for k in ("classifiers", "defenses", "attacks")}
-    if suite.cells is not None and suite.grid is not None:
-        problems.append(f"{path}: grid: give either 'grid: all' or 'cells', not both")
-    for i, cell in enumerate(suite.cells or []):
-        for kind, val in (("classifiers", cell.classifier), ("defenses", cell.defense), ("attacks", cell.attack)):
-            if val not in ids[kind]:
-                problems.append(f"{path}: cells[{i}].{kind[:-1]}: unknown id '{val}' (defined: {', '.join(sorted(ids[kind]))})")
-    for i, ref in enumerate(suite.references):
-        for kind, val in (("defenses", ref.defense), ("attacks", ref.attack), ("classifiers", ref.classifier)):
-            if val is not None and val not in ids[kind]:
-                problems.append(f"{path}: references[{i}].{kind[:-1]}: unknown id '{val}'")
-    return problems
-
-
-def expand(suite: Suite) -> list[Cell]:
-    return [Cell(suite.component("classifiers", c.classifier), suite.component("defenses", c.defense),
-                 suite.component("attacks", c.attack)) for c in suite.cell_specs()]
 
 
 def resolved_dict(suite: Suite) -> dict:

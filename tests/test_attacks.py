@@ -2,6 +2,8 @@
 classifies the returned examples itself and checks them against the threat model."""
 from __future__ import annotations
 
+import weakref
+
 import pluggy
 import pytest
 import torch
@@ -12,16 +14,23 @@ from torch import Tensor, nn
 from benchkit import hookspecs
 from benchkit.attack import Attack, AttackContext, AttackResult
 from benchkit.defended import DefendedModel, Purifier
-from benchkit.noise import Noise
-from benchkit.threat import L2, Linf, StAdvFlow, warp
+from benchkit.noise import Noise, PerExampleNoise, derive_seed
+from benchkit.threat import L2, Linf, StAdvFlow, ThreatModel, warp
 
 from benchkit_attacks import plugin
 from benchkit.params import parse_budget
 from benchkit_attacks.params import NormBudget
+from benchkit_attacks.pgd import random_start
 from benchkit_attacks.transfer import Transfer
 
 N_IMAGES = 64
-CTX = AttackContext(device=torch.device("cpu"), seed=0)
+
+
+def make_ctx(seed: int = 0, undefended: nn.Module | None = None, indices: range | list[int] = range(N_IMAGES)
+             ) -> AttackContext:
+    """A fresh context as the host builds one: one random stream per image, seeded per image."""
+    return AttackContext(device=torch.device("cpu"), seed=seed, undefended=undefended,
+                         noise=PerExampleNoise([derive_seed(seed, i, "attack") for i in indices]))
 
 
 # ---------------------------------------------------------------- fixtures
@@ -138,20 +147,35 @@ class SqrtPurifier(Purifier):
 # ---------------------------------------------------------------- helpers
 
 
+# The budget each attack built here is verified against: its plugin's registered `threat=` mapping
+# of the same params (what the host uses), never the attack object's own `.threat`.
+_THREATS: "weakref.WeakKeyDictionary[Attack, ThreatModel]" = weakref.WeakKeyDictionary()
+
+
 def build(id: str, **params: object) -> Attack:
     spec = plugin.ATTACKS[id]
-    return spec.factory(spec.params.model_validate(params))
+    p = spec.params.model_validate(params)
+    attack = spec.factory(p)
+    _THREATS[attack] = spec.threat(p)
+    return attack
 
 
 def run(model: DefendedModel, attack: Attack, x: Tensor, y: Tensor, *, seed: int = 0,
-        ctx: AttackContext = CTX) -> AttackResult:
-    """Runs as the host does: seeded global RNG, the model in the attack's gradient mode, then
-    verification of every returned example."""
+        ctx: AttackContext | None = None, threat: ThreatModel | None = None,
+        indices: list[int] | None = None) -> AttackResult:
+    """Runs as the host does: seeded global RNG (for libraries that use it), the model in the
+    attack's gradient mode with one defense noise stream per image, the attack's own randomness
+    drawn per image (ctx.noise), copies of x and y, then verification of every returned example
+    against the registered threat model."""
     torch.manual_seed(seed)
+    indices = list(range(x.shape[0])) if indices is None else indices
+    ctx = ctx or make_ctx(seed, indices=indices)
+    threat = threat or _THREATS[attack]
     m = model if attack.gradient is None else model.with_gradient(attack.gradient)
-    result = attack.run(m, x, y, ctx)
+    m = m.for_images(x, [derive_seed(seed, i, "defense") for i in indices])
+    result = attack.run(m, x.clone(), y.clone(), ctx)
     assert torch.isfinite(result.x_adv).all()
-    assert attack.threat.violations(x, result.x_adv, result.extra) == []
+    assert threat.violations(x, result.x_adv, result.extra) == []
     return result
 
 
@@ -192,25 +216,30 @@ def test_hook_registers_every_attack_with_threat_and_gradient() -> None:
     pm.add_hookspecs(hookspecs)
     pm.register(plugin)
     got = {}
-    pm.hook.register_attacks(register=lambda id, factory, params, description: got.__setitem__(id, (factory, params)))
+    pm.hook.register_attacks(register=lambda id, factory, params, threat, description:
+                             got.__setitem__(id, (factory, params, threat)))
     assert set(got) == {"stadv", "bpda-eot", "pgd-eot", "diffusion-mse", "transfer", "square"}
 
-    def make(id: str, **p: object) -> Attack:
-        factory, params = got[id]
-        return factory(params.model_validate(p))
+    def make(id: str, **p: object) -> tuple[Attack, ThreatModel]:
+        factory, params, threat = got[id]
+        validated = params.model_validate(p)
+        return factory(validated), threat(validated)
 
-    a = make("stadv")
-    assert isinstance(a.threat, StAdvFlow) and a.threat.eps == 0.05 and a.gradient == "exact"
-    a = make("bpda-eot")
-    assert isinstance(a.threat, Linf) and a.threat.eps == 8 / 255 and a.gradient == "bpda"
+    a, t = make("stadv")
+    assert isinstance(t, StAdvFlow) and t.eps == 0.05 and a.gradient == "exact" and a.access == "gradient"
+    a, t = make("bpda-eot")
+    assert isinstance(t, Linf) and t.eps == 8 / 255 and a.gradient == "bpda"
     assert a.params.steps == 50 and a.params.eot == 15 and a.params.resolved_step() == 2 / 255
-    a = make("pgd-eot", norm="L2", eps=0.5, gradient="adjoint")
-    assert isinstance(a.threat, L2) and a.gradient == "adjoint"
-    assert make("pgd-eot").params.steps == 200 and make("pgd-eot").params.eot == 20
-    assert make("diffusion-mse", gradient="adjoint").gradient == "adjoint"
-    assert make("square").params.n_queries == 5000 and make("square").gradient is None
-    t = make("transfer", source={"plugin": "stadv", "params": {"bound": "1/10"}})
-    assert isinstance(t.threat, StAdvFlow) and t.threat.eps == 0.1
+    assert a.eot_samples() == 15 and a.goal == "misclassify"
+    a, t = make("pgd-eot", norm="L2", eps=0.5, gradient="adjoint")
+    assert isinstance(t, L2) and t.eps == 0.5 and a.gradient == "adjoint"
+    assert make("pgd-eot")[0].params.steps == 200 and make("pgd-eot")[0].eot_samples() == 20
+    a, t = make("diffusion-mse", gradient="adjoint")
+    assert a.gradient == "adjoint" and a.goal == "other" and isinstance(t, Linf)
+    a, t = make("square")
+    assert a.params.n_queries == 5000 and a.gradient is None and a.access == "query" and isinstance(t, Linf)
+    a, t = make("transfer", source={"plugin": "stadv", "params": {"bound": "1/10"}})
+    assert isinstance(t, StAdvFlow) and t.eps == 0.1 and a.access == "transfer"
     with pytest.raises(ValidationError):  # bpda is its own attack id
         plugin.ATTACKS["pgd-eot"].params.model_validate({"gradient": "bpda"})
 
@@ -300,6 +329,25 @@ def test_attacks_are_deterministic_under_a_seed(cnn, data) -> None:
         assert torch.equal(a.x_adv, b.x_adv)
 
 
+def test_random_starts_and_defense_noise_are_drawn_per_image(cnn, data) -> None:
+    # An image's random start and its defense's noise come from its own seed: the same image in a
+    # smaller batch, or beside other images, gets the same adversarial example.
+    x, y = data
+    seeds = [derive_seed(0, i, "attack") for i in range(N_IMAGES)]
+    sub = list(range(8, 40, 2))
+    for threat in (Linf(0.1), L2(1.0)):
+        full = random_start(threat, x, PerExampleNoise(seeds))
+        part = random_start(threat, x[sub], PerExampleNoise([seeds[i] for i in sub]))
+        assert torch.equal(full[sub], part) and not torch.equal(full[sub], x[sub])
+    model = DefendedModel(cnn, GaussianNoise(0.3))
+    params = {"eps": 0.1, "steps": 3, "eot": 2}
+    whole = run(model, build("pgd-eot", **params), x, y)
+    alone = run(model, build("pgd-eot", **params), x[sub], y[sub], indices=sub)
+    assert torch.allclose(whole.x_adv[sub], alone.x_adv, atol=1e-6)
+    other = run(model, build("pgd-eot", **params), x, y, seed=1)
+    assert not torch.allclose(whole.x_adv, other.x_adv)
+
+
 def test_nonfinite_gradients_are_counted_and_contained(cnn, data) -> None:
     x, y = data
     result = run(DefendedModel(cnn, SqrtPurifier()), build("pgd-eot", eps=0.1, steps=3, random_start=False), x, y)
@@ -326,7 +374,7 @@ def test_diffusion_mse_beats_random_noise_of_the_same_budget(cnn, data, norm: st
     result = run(model, attack, x, y)
     torch.manual_seed(1)
     noise = torch.randn_like(x)
-    random = attack.threat.project(x, x + eps * (noise.sign() if norm == "Linf" else
+    random = _THREATS[attack].project(x, x + eps * (noise.sign() if norm == "Linf" else
                                                  noise / noise.flatten(1).norm(dim=1).view(-1, 1, 1, 1)))
 
     def mse(z: Tensor) -> float:
@@ -340,17 +388,18 @@ def test_diffusion_mse_beats_random_noise_of_the_same_budget(cnn, data, norm: st
 
 def test_transfer_from_the_undefended_cnn(cnn, data) -> None:
     x, y = data
-    ctx = AttackContext(device=torch.device("cpu"), seed=0, undefended=cnn)
+    ctx = make_ctx(undefended=cnn)
     # The 'defended' model here is the CNN itself, so transferred examples must fool it.
     attack = build("transfer", source={"plugin": "pgd-eot", "params": {"eps": 0.3, "steps": 20, "gradient": "adjoint"}})
     result = run(DefendedModel(cnn), attack, x, y, ctx=ctx)
     assert accuracy(DefendedModel(cnn), result.x_adv, y) < 0.05
     assert result.stats["source_zero_grad_frac"] == 0.0
     # A flow-based source hands its flow through for the host's check.
-    stadv = run(DefendedModel(cnn, Quantiser()), Transfer(build("stadv", bound=0.1, steps=5)), x, y, ctx=ctx)
+    stadv = run(DefendedModel(cnn, Quantiser()), Transfer(build("stadv", bound=0.1, steps=5)), x, y,
+                ctx=make_ctx(undefended=cnn), threat=StAdvFlow(0.1))
     assert "flow" in stadv.extra
     with pytest.raises(ValueError, match="undefended"):
-        attack.run(DefendedModel(cnn), x, y, CTX)
+        attack.run(DefendedModel(cnn), x, y, make_ctx())
 
 
 # ---------------------------------------------------------------- reference defaults (slow)
@@ -362,7 +411,7 @@ def test_transfer_from_the_undefended_cnn(cnn, data) -> None:
                                        ("transfer", {"source": {"plugin": "pgd-eot", "params": {}}})])
 def test_reference_defaults_on_a_stochastic_defense(cnn, data, id: str, params: dict) -> None:
     x, y = data
-    ctx = AttackContext(device=torch.device("cpu"), seed=0, undefended=cnn)
+    ctx = make_ctx(undefended=cnn)
     model = DefendedModel(cnn, GaussianNoise(0.3))
     result = run(model, build(id, **params), x, y, ctx=ctx)
     if id in ("bpda-eot", "pgd-eot", "stadv"):

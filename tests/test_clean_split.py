@@ -48,17 +48,24 @@ def test_whole_split_standard_accuracy_is_stored_and_reported(tmp_path, plugin_m
     assert len(correct) == 450 and sum(correct) == 445
 
     db = sqlite3.connect(out / "results.sqlite")
-    groups = {k: (gid, n) for gid, k, n in db.execute("SELECT id, key, n_images FROM split_groups")}
+    # One clean cell per (classifier, defense) group, keyed '<classifier>/<defense>'.
+    groups = {k: (cid, n) for cid, k, n in db.execute("SELECT id, key, n_images FROM cells WHERE kind = 'clean'")}
     assert set(groups) == {"cnn/none", "cnn/dp"} and all(n == 450 for _, n in groups.values())
-    rows = db.execute("SELECT image_index, label, flags FROM split_examples WHERE group_id=? ORDER BY image_index",
-                      (groups["cnn/none"][0],)).fetchall()
-    assert [r[0] for r in rows] == list(range(450)) and [r[1] for r in rows] == y.tolist()
-    assert [r[2] == "1" for r in rows] == correct            # deterministic defense: one verdict per image
-    dp_flags = [r[0] for r in db.execute("SELECT flags FROM split_examples WHERE group_id=?", (groups["cnn/dp"][0],))]
+    assert db.execute("SELECT DISTINCT classifier, defense, attack FROM cells WHERE kind = 'clean' ORDER BY defense"
+                      ).fetchall() == [("cnn", "dp", ""), ("cnn", "none", "")]
+    rows = db.execute("SELECT image_index, variant, label, clean_flags, adv_flags, distance FROM examples "
+                      "WHERE cell_id=? ORDER BY image_index", (groups["cnn/none"][0],)).fetchall()
+    assert [r[0] for r in rows] == list(range(450)) and [r[2] for r in rows] == y.tolist()
+    assert {(r[1], r[4], r[5]) for r in rows} == {("", None, None)}   # no attack: no adversarial verdict
+    assert [r[3] == "1" for r in rows] == correct            # deterministic defense: one verdict per image
+    dp_flags = [r[0] for r in db.execute("SELECT clean_flags FROM examples WHERE cell_id=?", (groups["cnn/dp"][0],))]
     assert len(dp_flags) == 450 and {len(f) for f in dp_flags} == {2}  # stochastic: `repeats` verdicts
     dp_acc = 100 * sum(f.count("1") for f in dp_flags) / 900
     # the attacked cells still measure clean accuracy on their own 16 images
-    assert db.execute("SELECT COUNT(DISTINCT image_index) FROM examples").fetchone()[0] == 16
+    assert db.execute("SELECT COUNT(DISTINCT e.image_index) FROM examples e JOIN cells c ON c.id = e.cell_id "
+                      "WHERE c.kind = 'attack'").fetchone()[0] == 16
+    assert db.execute("SELECT COUNT(*) FROM examples e JOIN cells c ON c.id = e.cell_id "
+                      "WHERE c.kind = 'attack' AND e.adv_flags IS NULL").fetchone()[0] == 0
 
     assert main(["report", str(out), "--format", "json"]) == 0
     data = json.loads(capsys.readouterr().out)
@@ -75,7 +82,8 @@ def test_whole_split_standard_accuracy_is_stored_and_reported(tmp_path, plugin_m
     # Resume: nothing recomputed, same numbers.
     assert main(["run", str(suite), "--out", str(out)]) == 0
     assert "0 shard(s) to compute" in capsys.readouterr().err
-    assert db.execute("SELECT COUNT(*) FROM split_examples").fetchone()[0] == 900
+    assert db.execute("SELECT COUNT(*) FROM examples e JOIN cells c ON c.id = e.cell_id "
+                      "WHERE c.kind = 'clean'").fetchone()[0] == 900
 
 
 def test_limit_applies_to_the_split_too(tmp_path, plugin_manager, one_thread, capsys):
@@ -83,8 +91,13 @@ def test_limit_applies_to_the_split_too(tmp_path, plugin_manager, one_thread, ca
                   .replace("eval: {batch_size: 256, ", "eval: {"))
     assert main(["run", str(suite), "--out", str(tmp_path / "run"), "--limit", "12"]) == 0
     db = sqlite3.connect(tmp_path / "run" / "results.sqlite")
-    assert db.execute("SELECT DISTINCT n_images, n_shards FROM split_groups").fetchall() == [(12, 2)]
-    assert db.execute("SELECT COUNT(*) FROM split_shards").fetchone()[0] == 4
+    assert db.execute("SELECT DISTINCT n_images FROM cells WHERE kind = 'clean'").fetchall() == [(12,)]
+    # 12 images in shards of 8: two shards for each of the two clean cells, 12 images each
+    per_cell = db.execute("SELECT c.key, COUNT(*), SUM(s.n) FROM shards s JOIN cells c ON c.id = s.cell_id "
+                          "WHERE c.kind = 'clean' GROUP BY c.key ORDER BY c.key").fetchall()
+    assert per_cell == [("cnn/dp", 2, 12), ("cnn/none", 2, 12)]
+    assert db.execute("SELECT COUNT(*) FROM examples e JOIN cells c ON c.id = e.cell_id "
+                      "WHERE c.kind = 'clean'").fetchone()[0] == 24
 
 
 class NoNParams(Params):

@@ -88,3 +88,27 @@ def test_deterministic_purifier_needs_one_sample():
     clf, x, y = linear(), torch.rand(2, 1, 4, 4), torch.tensor([0, 1])
     model = DefendedModel(clf, Identity())
     assert torch.allclose(model.expectation(ce, x, y, 50), ce(clf(x), y))
+
+
+def test_image_streams_do_not_depend_on_eot_chunking_batch_or_subset():
+    # While an attack runs the defense draws from one stream per image (DefendedModel.for_images),
+    # keyed by the image's seed, how often it was evaluated and which EOT copy: the same numbers
+    # however the copies are chunked into passes and whichever other images share the call.
+    clf, x, y = linear(), torch.rand(5, 1, 4, 4), torch.tensor([0, 1, 2, 0, 1])
+    seeds = [derive_seed("img", i) for i in range(5)]
+    wide = DefendedModel(clf, AddNoise(), max_batch=10).for_images(x, seeds)    # 2 copies per pass
+    narrow = DefendedModel(clf, AddNoise(), max_batch=5).for_images(x, seeds)   # 1 copy per pass
+    assert wide._chunks(5, 4) == [2, 2] and narrow._chunks(5, 4) == [1, 1, 1, 1]
+    first = wide.expectation(ce, x, y, 4)
+    assert torch.allclose(first, narrow.expectation(ce, x, y, 4), atol=1e-6)
+    # a second evaluation of the same images draws fresh noise (the attack is not fed one draw forever)
+    assert not torch.allclose(wide.expectation(ce, x, y, 4), first)
+    # images 1 and 3 alone, or called as a subset of the bound batch: the same logits as in the full call
+    full = DefendedModel(clf, AddNoise()).for_images(x, seeds)(x)
+    alone = DefendedModel(clf, AddNoise()).for_images(x[[1, 3]], [seeds[1], seeds[3]])(x[[1, 3]])
+    subset = DefendedModel(clf, AddNoise()).for_images(x, seeds)(x[[3, 1]])
+    assert torch.allclose(full[[1, 3]], alone, atol=1e-6) and torch.allclose(full[[3, 1]], subset, atol=1e-6)
+    assert not torch.allclose(full, clf(x), atol=1e-3)      # noise was drawn
+    # deterministic defense: no noise drawn, the bare classifier's logits
+    plain = DefendedModel(clf, Identity()).for_images(x, seeds)
+    assert torch.equal(plain(x), clf(x))

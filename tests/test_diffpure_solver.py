@@ -165,7 +165,8 @@ def test_purifier_discrete_forward_trajectory_and_defended_model():
 
     pur = _purifier("vp-sde", Discrete(0.0, 0.25))
     x = torch.rand(2, 3, 8, 8, generator=torch.Generator().manual_seed(5))
-    frames = pur.trajectory(x, n_frames=5, noise=PerExampleNoise([7, 8]))
+    frames, labels = pur.trajectory(x, n_frames=5, noise=PerExampleNoise([7, 8]))
+    assert labels == ["input", "diffused (t*)", "step 2/4", "step 4/4", "purified"] or len(labels) == 5
     assert frames.shape == (5, *x.shape) and frames.min() >= 0 and frames.max() <= 1
     assert torch.equal(frames[0], x)
     assert torch.allclose(frames[-1], pur.purify(x, gradient="none", noise=PerExampleNoise([7, 8])))

@@ -1,4 +1,5 @@
-"""Every hookspec is documented and exercised by a test; plugins load as third parties do."""
+"""Every hookspec, the host's and those plugins own, is documented and exercised by a test;
+plugins load as third parties do."""
 from __future__ import annotations
 
 import inspect
@@ -6,11 +7,31 @@ import re
 
 import pytest
 
-from benchkit import hookspecs, registry
+from benchkit import hookspecs, plugins, registry
 from benchkit.errors import BadInput
 from conftest import ROOT
 
-HOOKS = sorted(n for n, f in inspect.getmembers(hookspecs, inspect.isfunction) if hasattr(f, "benchkit_spec"))
+
+def _specs(module) -> dict:
+    return {n: f for n, f in inspect.getmembers(module, inspect.isfunction) if hasattr(f, "benchkit_spec")}
+
+
+def _plugin_specs() -> dict:
+    """The hookspecs the installed plugins declare with register_component_kinds (score models, ...)."""
+    pm = plugins.make_plugin_manager()
+    modules = {getattr(pm.hook, d.hook).spec.namespace for d in plugins.component_kinds(pm).values()}
+    return {n: f for m in modules for n, f in _specs(m).items()}
+
+
+HOST_SPECS = _specs(hookspecs)
+PLUGIN_SPECS = _plugin_specs()
+SPECS = {**HOST_SPECS, **PLUGIN_SPECS}
+HOOKS = sorted(SPECS)
+
+
+def test_plugin_owned_specs_are_found_and_not_host_hooks():
+    assert {"register_score_models", "register_generative_models"} <= set(PLUGIN_SPECS)
+    assert not set(PLUGIN_SPECS) & set(HOST_SPECS)
 
 
 def test_hook_names_follow_convention():
@@ -19,7 +40,7 @@ def test_hook_names_follow_convention():
 
 @pytest.mark.parametrize("name", HOOKS)
 def test_hook_is_documented(name):
-    doc = inspect.getdoc(getattr(hookspecs, name)) or ""
+    doc = inspect.getdoc(SPECS[name]) or ""
     assert len(doc) > 40, f"hookspec {name} needs a docstring saying what it receives and returns"
     readme = (ROOT / "README.md").read_text()
     assert f"`{name}" in readme, f"README.md must document hook {name}"
@@ -35,7 +56,7 @@ def test_hook_is_tested(name):
 
 def test_builtins_come_from_entry_points(plugin_manager):
     names = {n for n, _ in plugin_manager.list_name_plugin()}
-    assert {"data", "zoo", "baselines", "autoattack"} <= names
+    assert {"data", "zoo", "baselines", "autoattack", "diffpure", "attacks"} <= names
 
 
 def test_disable_and_load_only(monkeypatch):

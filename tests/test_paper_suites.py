@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 
+from benchkit import resolve
 from benchkit.cli import main
-from benchkit.suite import load_suite
 from conftest import ROOT
 
 SUITES = sorted((ROOT / "suites").glob("*.yaml"))
@@ -18,6 +18,10 @@ PAPER_SUITES = {
     "cifar10_tstar", "cifar10_advtrain_plus_diffpure", "cifar10_eot", "cifar10_transfer",
     "cifar10_square", "cifar10_random_tstar", "cifar10_diffusion_only", "cifar10_pgd_exact",
 }
+
+# The paper's budgets (Nie et al. 2022: Linf 8/255, L2 0.5; unseen threats, Table 4: L2 1.0, StAdv 0.05).
+BUDGETS = {"Linf": 8 / 255, "L2": 0.5, "StAdv": 0.05}
+UNSEEN_BUDGETS = {"Linf": 8 / 255, "L2": 1.0, "StAdv": 0.05}
 
 # Published numbers that must stay beside ours: (classifier, defense, attack) -> robust accuracy (%).
 EXPECTED_REFERENCES = {
@@ -55,10 +59,22 @@ def test_run_without_assets_prints_the_checklist(path, tmp_path, monkeypatch, pl
 
 @pytest.mark.parametrize("path", CIFAR10, ids=lambda p: p.name)
 def test_protocol_and_references(path, plugin_manager):
-    suite = load_suite(path)  # also checks every reference names a defined component
+    resolved = resolve.load(path)  # also checks every reference names a defined component
+    suite = resolved.suite
     ds = suite.dataset
     assert ds.plugin == "cifar10" and ds.params["split"] == "test" and ds.params["subset_seed"] == 0
     assert ds.params["n"] == (1000 if path.stem == "cifar10_bpda" else 512)
+    # Every example is verified against the budget its attack plugin registers for the suite's params.
+    budgets = UNSEEN_BUDGETS if path.stem == "cifar10_unseen" else BUDGETS
+    assert set(resolved.threats) == {a.id for a in suite.attacks}
+    for attack_id, threat in resolved.threats.items():
+        assert threat.eps == pytest.approx(budgets[threat.name]), (path.stem, attack_id, threat.name)
+    # Robust accuracy on the subset, standard accuracy on the whole test split: one clean cell per group.
+    attacked = [c for c in resolved.cells if c.kind == "attack"]
+    clean = [c for c in resolved.cells if c.kind == "clean"]
+    assert suite.eval.clean_on == "split"
+    assert sorted(c.key for c in clean) == sorted({c.group for c in attacked})
+    assert all(c.attack is None and c.dataset.params["n"] is None for c in clean)   # n unset: the whole split
     for ref in suite.references:
         assert ref.source.strip().startswith(SOURCES), ref.source
         assert ref.standard is not None or ref.robust is not None

@@ -61,9 +61,10 @@ def test_suite_runs_end_to_end_on_standin_assets(path, tmp_path, monkeypatch, pl
     assert (out / "leaderboard.html").is_file()
 
     db = sqlite3.connect(out / "results.sqlite")
-    cells = db.execute("SELECT id, key, variants_json FROM cells").fetchall()
+    cells = db.execute("SELECT id, key, variants_json FROM cells WHERE kind = 'attack'").fetchall()
     n_cells = len(raw["cells"]) if "cells" in raw else len(raw["classifiers"]) * len(raw["defenses"]) * len(raw["attacks"])
     assert len(cells) == n_cells
+    assert f"{n_cells} cells" in err
     assert db.execute("SELECT COUNT(*) FROM failures").fetchone()[0] == 0
     for cell_id, key, _ in cells:
         rows = db.execute("SELECT image_index, variant, clean_flags, adv_flags FROM examples WHERE cell_id = ?",
@@ -74,11 +75,13 @@ def test_suite_runs_end_to_end_on_standin_assets(path, tmp_path, monkeypatch, pl
             per_variant.setdefault(variant, set()).add(image)
             assert 1 <= len(clean) == len(adv) <= 2, (key, clean, adv)  # eval.repeats: 2 (1 if deterministic)
         assert all(images == {0, 1} for images in per_variant.values()), (key, per_variant)
-    # Standard accuracy on the whole split (the paper suites' eval.clean_on), limited like the rest.
+    # Standard accuracy on the whole split (the paper suites' eval.clean_on), limited like the rest:
+    # one clean cell per (classifier, defense) group, keyed '<classifier>/<defense>'.
     groups = {key.rsplit("/", 1)[0] for _, key, _ in cells}
-    split = db.execute("SELECT g.key, COUNT(s.image_index) FROM split_groups g "
-                       "LEFT JOIN split_examples s ON s.group_id = g.id GROUP BY g.key").fetchall()
+    split = db.execute("SELECT c.key, COUNT(e.image_index), COUNT(e.adv_flags) FROM cells c "
+                       "LEFT JOIN examples e ON e.cell_id = c.id WHERE c.kind = 'clean' GROUP BY c.key").fetchall()
     if raw.get("eval", {}).get("clean_on") == "split":
-        assert dict(split) == {g: 2 for g in groups}
+        assert {k: (n, n_adv) for k, n, n_adv in split} == {g: (2, 0) for g in groups}
+        assert f"standard accuracy of {len(groups)} group(s) on the whole split" in err
     else:
         assert split == []

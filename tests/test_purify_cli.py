@@ -69,9 +69,13 @@ def test_purify_writes_one_png_per_input(digits_pngs, plugin_manager, capsys):
     assert a.shape == b.shape == (8, 8, 1)
     assert not np.array_equal(a[..., 0], grey[0])                     # purified, not copied
     assert np.abs(a[..., 0].astype(int) - grey[0]).mean() < 64        # ... and still the digit
-    # seeded: the same command gives the same images; the identity defense returns the input exactly
+    # seeded per image (seed, file name): a.png alone purifies as it did beside b.png; another
+    # --seed gives another draw; the identity defense returns the input exactly
     assert main(["purify", "--suite", SUITE, "--defense", "diffpure", ins[0], "--out", str(tmp / "again")]) == 0
     assert (tmp / "again" / "a.png").read_bytes() == (tmp / "out" / "a.png").read_bytes()
+    assert main(["purify", "--suite", SUITE, "--defense", "diffpure", ins[0], "--out", str(tmp / "seed1"),
+                 "--seed", "1"]) == 0
+    assert (tmp / "seed1" / "a.png").read_bytes() != (tmp / "out" / "a.png").read_bytes()
     assert main(["purify", "--suite", SUITE, "--defense", "none", ins[1], "--out", str(tmp / "id")]) == 0
     assert np.array_equal(png.decode((tmp / "id" / "b.png").read_bytes())[..., 0], grey[1])
 

@@ -59,7 +59,8 @@ class Trouble(Attack):
 
 @hookimpl
 def register_attacks(register):
-    register("trouble", lambda p: Trouble(p), params=TroubleParams, description="outside plugin: FGSM that misbehaves")
+    register("trouble", lambda p: Trouble(p), params=TroubleParams, threat=lambda p: Linf(p.eps),
+             description="outside plugin: FGSM that misbehaves")
 '''
 
 SUITE = """
@@ -105,8 +106,10 @@ def table(db, sql):
 
 
 EXAMPLES = ("SELECT c.key, e.image_index, e.variant, e.label, e.clean_flags, e.adv_flags, round(e.distance, 6) "
-            "FROM examples e JOIN cells c ON c.id = e.cell_id")
-SPLIT = "SELECT g.key, s.image_index, s.label, s.flags FROM split_examples s JOIN split_groups g ON g.id = s.group_id"
+            "FROM examples e JOIN cells c ON c.id = e.cell_id WHERE c.kind = 'attack'")
+# Whole-split standard accuracy: clean cells ('<classifier>/<defense>'), no adversarial verdicts.
+SPLIT = ("SELECT c.key, e.image_index, e.variant, e.label, e.clean_flags, e.adv_flags, e.distance "
+         "FROM examples e JOIN cells c ON c.id = e.cell_id WHERE c.kind = 'clean'")
 CHECKS = "SELECT c.key, k.name, k.status FROM checks k JOIN cells c ON c.id = k.cell_id"
 
 
@@ -141,6 +144,7 @@ def test_ray_executor_matches_local_retries_crashes(tmp_path):
     assert len(ray_rows) == 3 * 24 and ray_rows == table(local_db, EXAMPLES)
     split = table(ray_db, SPLIT)
     assert len(split) == 2 * 24 and split == table(local_db, SPLIT)
+    assert {k for k, *_ in split} == {"cnn/none", "cnn/dp"} and {r[-2:] for r in split} == {(None, None)}
     assert len(table(ray_db, CHECKS)) == 3 * 3 and table(ray_db, CHECKS) == table(local_db, CHECKS)
     prov = sqlite3.connect(ray_db).execute("SELECT provenance_json FROM runs").fetchone()[0]
     assert '"executor": "ray"' in prov
@@ -157,7 +161,9 @@ def test_ray_executor_fails_cheating_and_raising_cells_alone(tmp_path):
     failed = sorted(line for line in r.stderr.splitlines() if line.startswith("benchkit: cell failed:"))
     assert len(failed) == 2, failed
     assert "cnn/dp/flaky: attack flaky on images" in failed[0] and "exceed Linf eps=0.2" in failed[0], failed
-    assert "cnn/none/broken: attack broken on images" in failed[1] and "task raised RuntimeError: boom" in failed[1], failed
+    # An exception inside the attack is the cell's failure (as with the local executor), in one line.
+    assert "cnn/none/broken: attack broken on images" in failed[1] and failed[1].endswith(": RuntimeError: boom"), failed
+    assert "Traceback" not in r.stderr
     db = sqlite3.connect(tmp_path / "ray" / "results.sqlite")
     per_cell = dict(db.execute("SELECT c.key, COUNT(e.image_index) FROM cells c LEFT JOIN examples e ON e.cell_id = c.id "
                                "GROUP BY c.key").fetchall())

@@ -21,8 +21,8 @@ from conftest import ROOT, write
 ARTIFACTS = ROOT / "test-artifacts"
 
 # Two DiffPure defenses that differ only in t* and two attacks that differ only in eot: a t* curve
-# (Figure 3; the undefended cell is t* = 0) and an EOT curve (Figure 6) per group, and a
-# purification strip per DiffPure cell. Seconds on a CPU.
+# (Figure 3; the suite's `sweeps:` puts the undefended cell at t* = 0) and an EOT curve (Figure 6)
+# per group, and a purification strip per DiffPure cell. Seconds on a CPU.
 DIGITS = f"""
 suite: visuals
 description: tiny DiffPure sweep for the rendering test
@@ -44,6 +44,9 @@ cells:
   - {{classifier: cnn, defense: t0.1, attack: eot2}}
 eval: {{batch_size: 8, repeats: 2}}
 checks: {{enabled: [robust-le-clean]}}
+sweeps:
+  - {{over: defenses, param: t_star, label: "t*", points: {{none: 0}}}}
+  - {{over: attacks, param: eot, label: EOT samples}}
 """
 
 
@@ -85,15 +88,24 @@ def test_curves_follow_the_suite_params(digits_run):
     by_kind = {}
     for c in data["curves"]:
         by_kind.setdefault(c["kind"], []).append(c)
-    assert len(by_kind["t_star"]) == 2 and len(by_kind["eot"]) == 2     # one per attack, one per defense
-    t = next(c for c in by_kind["t_star"] if c["title"].startswith("cnn · eot1"))
+    # one t* curve per attack, one EOT curve per defense
+    assert set(by_kind) == {"defenses:t_star", "attacks:eot"}
+    assert len(by_kind["defenses:t_star"]) == 2 and len(by_kind["attacks:eot"]) == 2
+    t = next(c for c in by_kind["defenses:t_star"] if c["title"].startswith("cnn · eot1"))
+    assert t["title"] == "cnn · eot1: accuracy vs t*" and t["x_label"] == "t*"
     rows = {r["key"]: r for r in data["rows"]}
     for series, acc in zip(t["series"], ("clean", "robust")):
         assert series["points"] == [(t_star, rows[f"cnn/{d}/eot1"][acc].mean) for t_star, d in
                                     ((0.0, "none"), (0.05, "t0.05"), (0.1, "t0.1"))]
-    assert len(next(c for c in by_kind["t_star"] if c["title"].startswith("cnn · eot2"))["series"][0]["points"]) == 2
-    e = next(c for c in by_kind["eot"] if "t0.1" in c["title"])
-    assert [x for x, _ in e["series"][0]["points"]] == [1.0, 2.0]
+    assert len(next(c for c in by_kind["defenses:t_star"] if c["title"].startswith("cnn · eot2"))["series"][0]["points"]) == 2
+    e = next(c for c in by_kind["attacks:eot"] if "t0.1" in c["title"])
+    assert [x for x, _ in e["series"][0]["points"]] == [1.0, 2.0] and e["x_label"] == "EOT samples"
+    assert [y for _, y in e["series"][0]["points"]] == [rows[f"cnn/t0.1/{a}"]["robust"].mean for a in ("eot1", "eot2")]
+    # Without `sweeps:` the report finds the same sweeps itself (the only varying numeric params),
+    # without the undefended point it has no value for.
+    found = report.curves({**data, "suite": {k: v for k, v in data["suite"].items() if k != "sweeps"}})
+    assert sorted((c["kind"], [len(s["points"]) for s in c["series"]]) for c in found) == [
+        ("attacks:eot", [2]), ("attacks:eot", [2]), ("defenses:t_star", [2, 2]), ("defenses:t_star", [2, 2])]
     html = (digits_run / "leaderboard.html").read_text()
     assert html.count('<svg xmlns="http://www.w3.org/2000/svg" class="chart"') == 4
     assert html.count('class="point"') == 2 * 3 + 2 * 2 + 2 * 2         # t*: 2 series x (3, 2) points; eot: 2 x 2
@@ -106,12 +118,13 @@ def test_strips_are_stored_with_the_shard_and_decode_to_the_image_size(digits_ru
                       "ORDER BY 1, 2, 3").fetchall()
     assert len(rows) == 4 * 4 * 5                     # DiffPure cells x first 4 images x frames (identity: none)
     kinds = [k for key, i, _, k, _ in rows if key == "cnn/t0.1/eot1" and i == 0]
-    assert kinds == ["adversarial", "diffused (t*)", "mid-way", "purified", "clean"]
+    # the defense's trajectory of the adversarial input (t* = 0.1, dt = 0.01: 10 solver steps), then the clean image
+    assert kinds == ["input", "diffused (t*)", "step 5/10", "purified", "clean"]
     frames = {(key, i, k): png.decode(bytes(b)) for key, i, _, k, b in rows}
     assert {a.shape for a in frames.values()} == {(8, 8, 1)}
     f = lambda k: frames[("cnn/t0.1/eot1", 0, k)].astype(int)
-    assert np.abs(f("diffused (t*)") - f("adversarial")).mean() > 1   # noise was added, then removed
-    assert not np.array_equal(f("purified"), f("adversarial"))
+    assert np.abs(f("diffused (t*)") - f("input")).mean() > 1   # noise was added, then removed
+    assert not np.array_equal(f("purified"), f("input"))
     # the page embeds the same images
     html = (digits_run / "leaderboard.html").read_text()
     uris = re.findall(r'<img class="frame" src="data:image/png;base64,([^"]+)"', html)

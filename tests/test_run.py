@@ -62,6 +62,9 @@ class FGSM(Attack):
             x_adv[0, 0, 0, 0] = float("nan")
         return AttackResult(x_adv, stats={"zero_grad_frac": float((g.flatten(1).abs().sum(1) == 0).float().mean())})
 
+    def params_for(self, *, eot=None, unbounded=False):
+        return {"eps": 1.0} if unbounded and eot is None else None
+
 
 class LocalPlugin:
     @hookimpl
@@ -79,7 +82,7 @@ class LocalPlugin:
 
     @hookimpl
     def register_attacks(self, register):
-        register("fgsm", FGSM, params=FGSMParams)
+        register("fgsm", FGSM, params=FGSMParams, threat=lambda p: Linf(p.eps))
 
     @hookimpl
     def register_score_models(self, register):
@@ -139,7 +142,7 @@ def test_run_stores_reports_and_resumes(tmp_path, local, capsys):
     # Rerun: nothing recomputed, nothing duplicated.
     assert main(["run", str(suite), "--out", str(out)]) == 0
     _, err = capsys.readouterr()
-    assert "0 shard(s) to compute (12 already stored)" in err
+    assert "0 shard(s) to compute" in err
     assert examples(out) == rows
     # Reports from the store alone.
     assert main(["report", str(out), "--format", "json"]) == 0
@@ -172,7 +175,7 @@ def test_changed_params_are_a_new_cell(tmp_path, local, capsys):
     write(tmp_path / "s.yaml", SUITE.replace("eps: 0.2", "eps: 0.3"))
     capsys.readouterr()
     assert main(["run", str(s), "--out", str(tmp_path / "o")]) == 0
-    assert "6 shard(s) to compute (6 already stored)"  # two cells use fgsm in capsys.readouterr().err
+    assert "6 shard(s) to compute" in capsys.readouterr().err   # the two cells that use fgsm
 
 
 @pytest.mark.parametrize("params, message", [("{eps: 0.1, cheat: 0.05}", "exceed Linf eps=0.1"),
@@ -206,12 +209,13 @@ def test_ls_lists_plugin_components(local, capsys):
 
 
 def test_html_escapes_plugin_strings_and_shows_provenance_and_checks(tmp_path, local):
-    text = SUITE.replace("{id: jitter, plugin: jitter}", "{id: '<script>alert(1)</script>', plugin: jitter}").replace(
-        'source: "Made up et al."', 'source: "<img src=x onerror=alert(2)>"').replace("defense: jitter", "defense: '<script>alert(1)</script>'")
+    # Ids cannot hold '/', so no closing tag: an opening tag with a handler is the injection here.
+    text = SUITE.replace("{id: jitter, plugin: jitter}", "{id: '<b onmouseover=alert(1)>', plugin: jitter}").replace(
+        'source: "Made up et al."', 'source: "<img src=x onerror=alert(2)>"').replace("defense: jitter", "defense: '<b onmouseover=alert(1)>'")
     s = write(tmp_path / "s.yaml", text)
     assert main(["run", str(s), "--out", str(tmp_path / "o")]) == 0
     html = (tmp_path / "o" / "leaderboard.html").read_text()
-    assert "<script>alert(1)</script>" not in html and "&lt;script&gt;alert(1)&lt;/script&gt;" in html
+    assert "<b onmouseover" not in html and "&lt;b onmouseover=alert(1)&gt;" in html
     assert "<img src=x" not in html and "&lt;img src=x onerror=alert(2)&gt;" in html
     # provenance: versions, git state, seeds, device; and the per-cell check flags
     for needle in ("torch", "benchkit", "git", "&#34;seed&#34;: 3", "cpu", "robust-le-clean: pass", "gradients: pass"):

@@ -1,1 +1,2 @@
-"""Executors run the (cell, shard) tasks of a suite; only the driver writes the store."""
+"""Executors turn the runner's tasks into results (benchkit.runner.execute where the models live);
+they decide nothing: the runner commits, records failures and schedules checks."""

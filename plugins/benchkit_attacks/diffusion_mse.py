@@ -7,7 +7,7 @@ from pydantic import Field
 from torch import Tensor, nn
 
 from benchkit.attack import AttackContext, AttackResult
-from benchkit.defended import DefendedModel
+from benchkit.defended import DefendedModel  # noqa: F401 - the type attacks receive
 from benchkit.threat import make_threat
 
 from benchkit_attacks.params import GradientMode, PGDSchedule
@@ -28,8 +28,8 @@ class DiffusionMSEParams(PGDSchedule):
 
 class DiffusionMSE(GradientAttack):
     # Maximises a purifier loss, not a classifier loss: on an undefended model (identity purifier)
-    # it need not fool the classifier, so host checks that expect that should skip it.
-    attacks_classifier = False
+    # it need not fool the classifier, so host checks that expect that skip it.
+    goal = "other"
 
     def __init__(self, params: DiffusionMSEParams):
         self.params = params
@@ -38,7 +38,7 @@ class DiffusionMSE(GradientAttack):
 
     def run(self, model: DefendedModel, x: Tensor, y: Tensor, ctx: AttackContext) -> AttackResult:
         m, p = self.view(model), self.params
-        purifier_only = DefendedModel(_Flatten(), m.purifier, gradient=m.gradient, max_batch=m.max_batch)
+        purifier_only = m.with_classifier(_Flatten())
         target = x.detach().flatten(1)
         # loss_and_grad hands labels to the loss replicated like the batch, so image indices in
         # place of labels tell each EOT row which clean image it is compared with.
@@ -48,7 +48,7 @@ class DiffusionMSE(GradientAttack):
             return (purified - target[i]).pow(2).mean(1)
 
         out = pgd(lambda z: purifier_only.loss_and_grad(mse, z, index, p.eot), x, self.threat,
-                  steps=p.steps, step_size=p.resolved_step(), restarts=p.restarts,
+                  steps=p.steps, step_size=p.resolved_step(), noise=ctx.noise, restarts=p.restarts,
                   random_init=p.random_start, callback=self.callback)
         stats = dict(out.stats)
         if torch.isfinite(out.loss).all():

@@ -15,6 +15,7 @@ from torch import Tensor
 
 from benchkit.attack import Attack, AttackContext, AttackResult
 from benchkit.defended import DefendedModel
+from benchkit.noise import Noise
 from benchkit.threat import L2, Linf, ThreatModel, make_threat
 
 from benchkit_attacks.losses import LOSSES
@@ -29,14 +30,16 @@ def _per_image(v: Tensor, x: Tensor) -> Tensor:
     return v.view(-1, *([1] * (x.dim() - 1)))
 
 
-def random_start(threat: ThreatModel, x: Tensor) -> Tensor:
-    """A uniform point of the Linf ball, or a random direction at a uniform radius of the L2 ball."""
+def random_start(threat: ThreatModel, x: Tensor, noise: Noise) -> Tensor:
+    """A uniform point of the Linf ball, or a random direction at a uniform radius of the L2 ball,
+    drawn per image from `noise` (the host's per-image streams)."""
+    shape, kw = tuple(x.shape), {"device": x.device, "dtype": x.dtype}
     if isinstance(threat, Linf):
-        delta = (torch.rand_like(x) * 2 - 1) * threat.eps
+        delta = (noise.rand(shape, **kw) * 2 - 1) * threat.eps
     elif isinstance(threat, L2):
-        d = torch.randn_like(x)
+        d = noise.randn(shape, **kw)
         d = d / _per_image(d.flatten(1).norm(dim=1).clamp_min(1e-12), x)
-        delta = d * _per_image(torch.rand(x.shape[0], device=x.device, dtype=x.dtype) * threat.eps, x)
+        delta = d * _per_image(noise.rand((x.shape[0],), **kw) * threat.eps, x)
     else:
         raise TypeError(f"no random start for threat model {threat.name}")
     return threat.project(x, x + delta)
@@ -80,15 +83,16 @@ class GradStats:
                 "nonfinite_grad_frac": float(self.nonfinite.float().mean())}
 
 
-def pgd(objective: Objective, x: Tensor, threat: ThreatModel, *, steps: int, step_size: float,
+def pgd(objective: Objective, x: Tensor, threat: ThreatModel, *, steps: int, step_size: float, noise: Noise,
         restarts: int = 1, random_init: bool = True, callback: Callback | None = None) -> PGDOutput:
     """Projected gradient ascent keeping, per image, the iterate with the highest objective over all
-    steps and restarts (for a stochastic defense: the best EOT-averaged loss)."""
+    steps and restarts (for a stochastic defense: the best EOT-averaged loss). Random starts are
+    drawn from `noise`, one stream per image."""
     x = x.detach()
     best_x, best_loss = x.clone(), torch.full((x.shape[0],), float("-inf"), device=x.device)
     stats = GradStats(x.shape[0], x.device)
     for _ in range(restarts):
-        x_adv = random_start(threat, x) if random_init else x.clone()
+        x_adv = random_start(threat, x, noise) if random_init else x.clone()
         # steps + 1 evaluations: the last one scores the final iterate.
         for t in range(steps + 1):
             loss, g = objective(x_adv)
@@ -102,10 +106,27 @@ def pgd(objective: Objective, x: Tensor, threat: ThreatModel, *, steps: int, ste
     return PGDOutput(threat.project(x, best_x), best_loss, stats.as_dict())
 
 
+def unbounded_eps(norm: str) -> float:
+    """A budget no [0, 1] image can exceed: the whole cube for Linf, its diameter (and more) for L2."""
+    return 1.0 if norm == "Linf" else 1e3
+
+
 class GradientAttack(Attack):
-    """Base of attacks that differentiate through the defended model."""
+    """Base of attacks that differentiate through the defended model, with `params.eot` EOT samples."""
 
     callback: Callback | None = None
+    params: PGDSchedule
+
+    def eot_samples(self) -> int | None:
+        return self.params.eot
+
+    def params_for(self, *, eot: int | None = None, unbounded: bool = False) -> dict | None:
+        over: dict = {}
+        if eot is not None:
+            over["eot"] = eot
+        if unbounded:
+            over["eps"] = unbounded_eps(self.params.norm)
+        return over
 
     def view(self, model: DefendedModel) -> DefendedModel:
         # The host should already pass the model in self.gradient; re-viewing keeps the attack honest
@@ -140,7 +161,7 @@ class PGDEOT(GradientAttack):
     def run(self, model: DefendedModel, x: Tensor, y: Tensor, ctx: AttackContext) -> AttackResult:
         m, p = self.view(model), self.params
         out = pgd(lambda z: m.loss_and_grad(self.loss_fn, z, y, p.eot), x, self.threat, steps=p.steps,
-                  step_size=p.resolved_step(), restarts=p.restarts, random_init=p.random_start,
+                  step_size=p.resolved_step(), noise=ctx.noise, restarts=p.restarts, random_init=p.random_start,
                   callback=self.callback)
         return AttackResult(out.x_adv, stats=out.stats)
 
@@ -151,4 +172,9 @@ def make_pgd_eot(params: PGDParams) -> PGDEOT:
 
 def make_bpda_eot(params: BPDAParams) -> PGDEOT:
     return PGDEOT(params, gradient="bpda")
+
+
+def norm_threat(params: PGDSchedule) -> ThreatModel:
+    """The budget the host verifies pgd-eot, bpda-eot, diffusion-mse and square examples against."""
+    return make_threat(params.norm, params.eps)
 

@@ -8,30 +8,31 @@ from pydantic import BaseModel
 from benchkit.hookspecs import hookimpl
 
 from benchkit_attacks.diffusion_mse import DiffusionMSEParams, make_diffusion_mse
-from benchkit_attacks.pgd import BPDAParams, PGDParams, make_bpda_eot, make_pgd_eot
+from benchkit_attacks.pgd import BPDAParams, PGDParams, make_bpda_eot, make_pgd_eot, norm_threat
 from benchkit_attacks.square import SquareParams, make_square
-from benchkit_attacks.stadv import StAdvParams, make_stadv
-from benchkit_attacks.transfer import TransferParams, make_transfer
+from benchkit_attacks.stadv import StAdvParams, make_stadv, stadv_threat
+from benchkit_attacks.transfer import TransferParams, make_transfer, transfer_threat
 
 
 class AttackSpec(NamedTuple):
     factory: Callable
     params: type[BaseModel]
+    threat: Callable
     description: str
 
 
 ATTACKS: dict[str, AttackSpec] = {
-    "stadv": AttackSpec(make_stadv, StAdvParams,
+    "stadv": AttackSpec(make_stadv, StAdvParams, stadv_threat,
                         "StAdv spatial flow attack (Xiao et al. 2018), perceptual-advex settings, EOT"),
-    "bpda-eot": AttackSpec(make_bpda_eot, BPDAParams,
+    "bpda-eot": AttackSpec(make_bpda_eot, BPDAParams, norm_threat,
                            "PGD with BPDA (identity backward through the purifier) and EOT"),
-    "pgd-eot": AttackSpec(make_pgd_eot, PGDParams,
+    "pgd-eot": AttackSpec(make_pgd_eot, PGDParams, norm_threat,
                           "PGD with exact or adjoint gradients through the defense, EOT, restarts"),
-    "diffusion-mse": AttackSpec(make_diffusion_mse, DiffusionMSEParams,
+    "diffusion-mse": AttackSpec(make_diffusion_mse, DiffusionMSEParams, norm_threat,
                                 "PGD on the purifier alone, maximising MSE(purify(x_adv), x), EOT"),
-    "transfer": AttackSpec(make_transfer, TransferParams,
+    "transfer": AttackSpec(make_transfer, TransferParams, transfer_threat,
                            "craft with another attack on the undefended classifier, evaluate defended"),
-    "square": AttackSpec(make_square, SquareParams,
+    "square": AttackSpec(make_square, SquareParams, norm_threat,
                          "Square Attack (black-box, pyautoattack), one draw per query"),
 }
 
@@ -39,4 +40,4 @@ ATTACKS: dict[str, AttackSpec] = {
 @hookimpl
 def register_attacks(register: Callable) -> None:
     for id, spec in ATTACKS.items():
-        register(id, spec.factory, params=spec.params, description=spec.description)
+        register(id, spec.factory, params=spec.params, threat=spec.threat, description=spec.description)

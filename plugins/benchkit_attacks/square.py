@@ -28,6 +28,7 @@ class SquareParams(NormBudget):
 
 class Square(Attack):
     gradient = None  # never differentiates: whatever mode the host passes serves for forwards
+    access = "query"
 
     def __init__(self, params: SquareParams):
         self.params = params
@@ -49,6 +50,9 @@ class Square(Attack):
         with torch.random.fork_rng(devices=devices):
             x_adv = attack.perturb(x.detach().clone(), y.detach().clone())
         return AttackResult(self.threat.project(x, x_adv.detach()))
+
+    def params_for(self, *, eot: int | None = None, unbounded: bool = False) -> dict | None:
+        return {"eps": 1.0 if self.params.norm == "Linf" else 1e3} if unbounded and eot is None else None
 
 
 def make_square(params: SquareParams) -> Square:

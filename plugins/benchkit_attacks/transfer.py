@@ -50,6 +50,10 @@ class SourceSpec(Params):
         entry = _attacks()[self.plugin]
         return entry.factory(entry.params.model_validate(self.params))
 
+    def threat(self):
+        entry = _attacks()[self.plugin]
+        return entry.threat(entry.params.model_validate(self.params))
+
 
 class TransferParams(Params):
     source: SourceSpec
@@ -57,10 +61,10 @@ class TransferParams(Params):
 
 class Transfer(Attack):
     gradient = None  # no gradient flows through the defended model
+    access = "transfer"
 
     def __init__(self, source: Attack):
         self.source = source
-        self.threat = source.threat
 
     def run(self, model: DefendedModel, x: Tensor, y: Tensor, ctx: AttackContext) -> AttackResult:
         if ctx.undefended is None:
@@ -76,3 +80,8 @@ class Transfer(Attack):
 
 def make_transfer(params: TransferParams) -> Transfer:
     return Transfer(params.source.build())
+
+
+def transfer_threat(params: TransferParams):
+    """The source attack's budget: the examples are the source's."""
+    return params.source.threat()

@@ -36,7 +36,6 @@ def _set_apgd_iterations(apgd, n: int) -> None:
 
 class AutoAttackVersion(Attack):
     def __init__(self, norm: str, eps: float, version: str, eot: int, n_queries: int, n_iter: int = 100):
-        self.threat = make_threat(norm, eps)
         self.norm, self.eps, self.version, self.eot, self.n_queries = norm, eps, version, eot, n_queries
         self.n_iter = n_iter
 
@@ -60,8 +59,8 @@ class AutoAttackVersion(Attack):
 
 class AutoAttackSuite(Attack):
     def __init__(self, p: AutoAttackParams):
+        self.params = p
         self.versions = [(v, AutoAttackVersion(p.norm, p.eps, v, p.eot, p.n_queries, p.n_iter)) for v in p.versions]
-        self.threat = make_threat(p.norm, p.eps)
 
     def variants(self):
         return list(self.versions)
@@ -69,8 +68,24 @@ class AutoAttackSuite(Attack):
     def run(self, model, x, y, ctx):  # pragma: no cover - the host runs the variants
         raise RuntimeError("run each AutoAttack version through variants()")
 
+    def eot_samples(self) -> int | None:
+        # Only the rand version averages gradients over EOT samples.
+        return self.params.eot if "rand" in self.params.versions else None
+
+    def params_for(self, *, eot: int | None = None, unbounded: bool = False) -> dict | None:
+        over: dict = {}
+        if eot is not None:
+            over["eot"] = eot
+        if unbounded:
+            over["eps"] = 1.0 if self.params.norm == "Linf" else 1e3
+        return over
+
+
+def autoattack_threat(p: AutoAttackParams):
+    return make_threat(p.norm, p.eps)
+
 
 @hookimpl
 def register_attacks(register):
-    register("autoattack", AutoAttackSuite, params=AutoAttackParams,
+    register("autoattack", AutoAttackSuite, params=AutoAttackParams, threat=autoattack_threat,
              description="AutoAttack (pyautoattack) standard and/or rand; per-image worst case over versions")

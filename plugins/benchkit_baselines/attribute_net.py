@@ -27,11 +27,12 @@ import math
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field, field_validator
+from pydantic import Field, ValidationError, field_validator
 from torch import nn
 
+from benchkit import registry
 from benchkit.assets import Asset, load_state_dict
-from benchkit.errors import MissingAsset
+from benchkit.errors import BadInput, MissingAsset
 from benchkit.params import Params
 
 LEAK = 0.2
@@ -177,9 +178,16 @@ class AttributeParams(Params):
     @field_validator("attribute")
     @classmethod
     def _known(cls, v: str) -> str:
-        from benchkit_data.plugin import check_celeba_attribute
-
-        return check_celeba_attribute(v)
+        # The 40 CelebA attributes are the celebahq dataset's to know: ask its params model
+        # through the registry (the data plugin is not imported), and report its own message.
+        try:
+            registry.get("datasets").get("celebahq").params.model_validate({"attribute": v})
+        except BadInput as exc:
+            raise ValueError(exc.problems[0]) from None
+        except ValidationError as exc:
+            err = exc.errors()[0]
+            raise ValueError(str(err.get("ctx", {}).get("error", err["msg"]))) from None
+        return v
 
 
 def attribute_asset(attribute: str) -> Asset:

@@ -18,12 +18,17 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 from torch import Tensor, nn
 
 from benchkit.defended import Purifier
 from benchkit.noise import Noise
 from benchkit.params import Params
+
+from benchkit_baselines.vae import generative_model, require_generative
+
+# Generative models by id (benchkit_zoo registers both through register_generative_models).
+GENERATOR, ENCODER = "digits-gan", "digits-gan-encoder"
 
 Mode = Literal["opt", "enc", "enc+opt"]
 
@@ -35,6 +40,11 @@ class GANInversionParams(Params):
     lr: float = Field(0.05, gt=0, description="Adam learning rate of the latent optimisation")
     restarts: int = Field(4, ge=1, description="random initial latents per image in mode opt; the best "
                                                "reconstruction is kept")
+
+    @model_validator(mode="after")
+    def _models_registered(self):
+        require_generative(GENERATOR, ENCODER)
+        return self
 
 
 class GANInversion(Purifier):
@@ -85,7 +95,5 @@ class GANInversion(Purifier):
 
 
 def make_gan_inversion(params: GANInversionParams) -> GANInversion:
-    from benchkit_zoo.catalog import load_zoo_model
-
-    return GANInversion(load_zoo_model("digits-gan"), load_zoo_model("digits-gan-encoder"), mode=params.mode,
+    return GANInversion(generative_model(GENERATOR), generative_model(ENCODER), mode=params.mode,
                         iterations=params.iterations, lr=params.lr, restarts=params.restarts)

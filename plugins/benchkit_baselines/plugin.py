@@ -1,4 +1,5 @@
-"""Registers the baseline defenses: no defense and the generative purifiers of DiffPure's Table 5a."""
+"""Registers the baseline defenses (no defense and the generative purifiers of DiffPure's Table 5a),
+the classifiers, and the kind "generative-models" that the purifiers look their networks up in."""
 from __future__ import annotations
 
 from benchkit.defended import Identity
@@ -9,14 +10,22 @@ from benchkit_baselines.vae import VAEParams, make_vae
 
 
 @hookimpl
+def register_component_kinds(register):
+    from benchkit_baselines import hookspecs
+
+    register("generative-models", hookspecs=hookspecs, hook="register_generative_models",
+             description="VAEs, GAN generators and encoders of the generative purifiers")
+
+
+@hookimpl
 def register_defenses(register):
     register("identity", lambda params: Identity(),
              description="No defense: the undefended ('static') classifier of the paper's tables")
     register("vae", make_vae, params=VAEParams,
-             description="VAE purification decode(encode(x)) with the digits VAE (benchkit_zoo, shipped)")
+             description="VAE purification decode(encode(x)) with the digits VAE (generative model digits-vae)")
     register("gan-inversion", make_gan_inversion, params=GANInversionParams,
              description="GAN-inversion purification G(z*), z* by encoder, optimisation or both "
-                         "(digits GAN + encoder, benchkit_zoo, shipped)")
+                         "(generative models digits-gan + digits-gan-encoder)")
 
 
 @hookimpl

@@ -1,22 +1,44 @@
 """VAE purification (the 'VAE' row of DiffPure's Table 5a): x' = decode(encode(x)).
 
 The autoencoder projects the input onto what it learned the data looks like, so small
-perturbations off the data manifold are discarded. The shipped model is benchkit_zoo's
-`digits-vae` (1x8x8 digits).
+perturbations off the data manifold are discarded. The model is the generative model
+`digits-vae` (1x8x8 digits), which benchkit_zoo ships and registers through this plugin's
+register_generative_models hook.
 """
 from __future__ import annotations
 
-from pydantic import Field
+from pydantic import Field, model_validator
 from torch import Tensor, nn
 
+from benchkit import registry
 from benchkit.defended import Purifier
+from benchkit.errors import BadInput
 from benchkit.noise import Noise
 from benchkit.params import Params
+
+
+def require_generative(*ids: str) -> None:
+    """Raise ValueError (a params error at validation) when a generative model is not registered:
+    its plugin (the zoo) may be disabled, and then the suite should fail before it runs."""
+    for id in ids:
+        try:
+            registry.get("generative-models").get(id)
+        except BadInput as exc:
+            raise ValueError(exc.problems[0]) from None
+
+
+def generative_model(id: str) -> nn.Module:
+    return registry.get("generative-models").get(id).build({})
 
 
 class VAEParams(Params):
     sample: bool = Field(False, description="decode a posterior sample z ~ q(z|x) drawn through the noise "
                                             "object (a stochastic defense) instead of the posterior mean")
+
+    @model_validator(mode="after")
+    def _model_registered(self):
+        require_generative("digits-vae")
+        return self
 
 
 class VAEPurifier(Purifier):
@@ -39,6 +61,4 @@ class VAEPurifier(Purifier):
 
 
 def make_vae(params: VAEParams) -> VAEPurifier:
-    from benchkit_zoo.catalog import load_zoo_model
-
-    return VAEPurifier(load_zoo_model("digits-vae"), sample=params.sample)
+    return VAEPurifier(generative_model("digits-vae"), sample=params.sample)

@@ -1,11 +1,13 @@
-"""Registers DiffPure and its score models.
+"""Registers DiffPure, the score-models kind it owns, and the published score models.
 
 Official checkpoints are looked up under BENCHKIT_HOME (never downloaded); each factory builds
-the architecture from our own code and loads the published weights without key renaming.
+the architecture from our own code and loads the published weights without key renaming. Other
+plugins add score models through this plugin's hook (benchkit_diffpure.hookspecs), e.g. the zoo's
+digits-unet.
 """
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from pydantic import Field, field_validator, model_validator
@@ -17,6 +19,9 @@ from benchkit.errors import BadInput
 from benchkit.hookspecs import hookimpl
 from benchkit.noise import Noise
 from benchkit.params import Params
+
+if TYPE_CHECKING:
+    from benchkit_diffpure.score import ScoreModel
 
 # Published checkpoints and the configurations DiffPure uses with them.
 DDPMPP_ASSET = Asset("diffpure/score_sde/checkpoint_8.pth",
@@ -88,11 +93,19 @@ def ddpm(p: CheckpointParams):
     return DiscreteTimeScore(net, eps_channels=3)
 
 
-def digits_unet(p: Params):
-    from benchkit_zoo.catalog import load_zoo_model
-    from benchkit_diffpure.score import ContinuousTimeScore
+def build_score_model(id: str, params: dict[str, Any]) -> ScoreModel:
+    """The registered score model `id` as a ScoreModel: a plain noise predictor registered by
+    another plugin (see hookspecs.register_score_models) is wrapped in ContinuousTimeScore."""
+    from benchkit_diffpure.score import ContinuousTimeScore, ScoreModel
 
-    return ContinuousTimeScore(load_zoo_model("digits-unet"))
+    model = registry.get("score-models").get(id).build(params)
+    if isinstance(model, ScoreModel):
+        return model
+    scale = getattr(model, "TIME_SCALE", None)
+    if not isinstance(model, torch.nn.Module) or scale is None:
+        raise BadInput(f"score model '{id}': its factory returned {type(model).__name__}, neither a ScoreModel "
+                       "nor an nn.Module noise predictor with a TIME_SCALE attribute")
+    return ContinuousTimeScore(model, label_scale=float(scale))
 
 
 class DiffPureParams(Params):
@@ -141,7 +154,7 @@ class Resized(Purifier):
 def diffpure(p: DiffPureParams) -> Purifier:
     from benchkit_diffpure.purifier import DiffPure
 
-    score = registry.get("score-models").get(p.score_model).build(p.score_params)
+    score = build_score_model(p.score_model, p.score_params)
     purifier = DiffPure(score, sampler=p.sampler, t_star=p.t_star, t_delta=p.t_delta, dt=p.dt,
                         ld_sigma2=p.ld_sigma2, ld_lambda=p.ld_lambda, ld_eta=p.ld_eta)
     return Resized(purifier, p.image_size) if p.image_size else purifier
@@ -164,7 +177,14 @@ def register_score_models(register):
              description="guided-diffusion 256x256 unconditional ImageNet (learned sigma), discrete steps")
     register("ddpm", ddpm, params=CheckpointParams, assets=_needs(CELEBAHQ_ASSET),
              description="SDEdit's CelebA-HQ 256x256 DDPM U-Net, discrete steps")
-    register("digits-unet", digits_unet, description="small score U-Net trained on the digits train split (shipped)")
+
+
+@hookimpl
+def register_component_kinds(register):
+    from benchkit_diffpure import hookspecs
+
+    register("score-models", hookspecs=hookspecs, hook="register_score_models",
+             description="diffusion score models that DiffPure defenses look up by id")
 
 
 @hookimpl

@@ -68,16 +68,19 @@ class DiffPure(Purifier):
         return sde.from_centered(self._solve(x_c, t_star, x_t, gradient, noise)).clamp(0.0, 1.0)
 
     @torch.no_grad()
-    def trajectory(self, x: Tensor, n_frames: int = 4, *, noise: Noise | None = None) -> Tensor:
-        """[n_frames, B, ...] in [0, 1]: x_adv, x(t*), n_frames - 3 evenly spaced intermediate states,
-        the purified image (the same draw purify would make with this noise). Frames are clamped for display."""
+    def trajectory(self, x: Tensor, n_frames: int = 4, *, noise: Noise | None = None) -> tuple[Tensor, list[str]]:
+        """([n_frames, B, ...] in [0, 1], a label per frame): the input, x(t*), n_frames - 3 evenly
+        spaced intermediate states, the purified image (the same draw purify would make with this
+        noise). Frames are clamped for display."""
         if n_frames < 3:
             raise ValueError("n_frames >= 3: input, diffused, purified")
         noise = noise or GLOBAL_NOISE
         x_c, t_star, x_t = self._start(x, noise)
         mids = [round(self.n_steps * (i + 1) / (n_frames - 2)) for i in range(n_frames - 3)]
         out, frames = self._solve(x_c, t_star, x_t, "none", noise, snapshots=mids)
-        return torch.stack([x, *(sde.from_centered(f) for f in (x_t, *frames, out))]).clamp(0.0, 1.0)
+        labels = ["input", "diffused (t*)" if self.sampler != "ld-sde" else "start",
+                  *(f"step {m}/{self.n_steps}" for m in mids), "purified"]
+        return torch.stack([x, *(sde.from_centered(f) for f in (x_t, *frames, out))]).clamp(0.0, 1.0), labels
 
     def gradient_agreement(self, x: Tensor, seed: int = 0) -> dict[str, float]:
         """Cosine similarity between the input gradients of exact / adjoint and plain autograd through

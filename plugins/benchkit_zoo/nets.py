@@ -6,12 +6,11 @@ convention), so the score at forward time t is -DigitsUNet(x, 999 t) / std(t).
 """
 from __future__ import annotations
 
+import math
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-
-from benchkit_diffpure.architectures.layers import timestep_embedding
 
 
 class DigitsCNN(nn.Module):
@@ -32,6 +31,17 @@ class DigitsCNN(nn.Module):
         h = F.max_pool2d(F.relu(self.conv2(h)), 2)
         h = self.dropout(F.relu(self.fc1(h.flatten(1))))
         return self.fc2(h)
+
+
+def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
+    """DDPM's sinusoidal embedding [sin | cos](t * max_period^(-i / (half - 1))) of t: [B], for even dim.
+
+    The shipped weights were trained on exactly these float32 ops; keep them, or retrain.
+    """
+    half = dim // 2
+    freqs = torch.exp(torch.arange(half, dtype=torch.float32, device=t.device) * -(math.log(max_period) / (half - 1)))
+    args = t.float()[:, None] * freqs[None, :]
+    return torch.cat((torch.sin(args), torch.cos(args)), dim=1)
 
 
 def _norm(ch: int) -> nn.GroupNorm:

@@ -1,4 +1,9 @@
-"""Registers the small models we train and ship, and the `benchkit zoo` command."""
+"""Registers the small models we train and ship, and the `benchkit zoo` command.
+
+The classifiers go to the host's registry; the score model and the generative models go through
+hooks that DiffPure and the baselines own, implemented as optional hooks: with either plugin
+disabled the zoo still loads, and those models are simply not listed.
+"""
 from __future__ import annotations
 
 import argparse
@@ -19,6 +24,23 @@ def register_classifiers(register):
     register("digits-cnn-at", lambda params: _load("digits-cnn-at"),
              description="The digits CNN adversarially trained with PGD at Linf 0.2 (Madry et al. 2018; "
                          "benchkit_zoo recipe, shipped weights)")
+
+
+@hookimpl(optionalhook=True)
+def register_score_models(register):
+    # A plain noise predictor with TIME_SCALE: DiffPure wraps it (see benchkit_diffpure.hookspecs).
+    register("digits-unet", lambda params: _load("digits-unet"),
+             description="small score U-Net trained on the digits train split (benchkit_zoo recipe, shipped)")
+
+
+@hookimpl(optionalhook=True)
+def register_generative_models(register):
+    register("digits-vae", lambda params: _load("digits-vae"),
+             description="VAE of the digits, 16-dim latent (benchkit_zoo recipe, shipped)")
+    register("digits-gan", lambda params: _load("digits-gan"),
+             description="SN-GAN generator of the digits, 32-dim latent (benchkit_zoo recipe, shipped)")
+    register("digits-gan-encoder", lambda params: _load("digits-gan-encoder"),
+             description="encoder inverting the digits-gan generator (benchkit_zoo recipe, shipped)")
 
 
 def _zoo(args: argparse.Namespace) -> int:

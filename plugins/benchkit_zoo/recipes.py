@@ -21,8 +21,6 @@ import torch.nn.functional as F
 from safetensors.torch import save as st_save
 from torch import Tensor, nn
 
-from benchkit_data.digits import load_digits_split
-from benchkit_diffpure import sde
 from benchkit_zoo.nets import DigitsCNN, DigitsUNet
 
 # One thread: on a small shared CPU, 2 OpenMP threads ran 4-6x slower (spin-waiting on a busy
@@ -33,6 +31,26 @@ NUM_THREADS = 1
 DSM_EPS = 1e-5  # lower end of t, as score_sde's continuous VP training
 DSM_SMALL_T = 0.3  # the emphasised range [eps, 0.3] contains DiffPure's t* = 0.1
 DSM_SMALL_T_FRACTION = 0.5
+
+# The VP-SDE (Song et al. 2021) digits-unet is trained on, which DiffPure's ContinuousTimeScore
+# assumes of every continuous-time score model. A copy of benchkit_diffpure.sde's alpha, op for op:
+# the zoo may not import DiffPure, and the shipped weights depend on the rounding
+# (tests/test_plugin_isolation.py checks the two agree bit for bit).
+VP_BETA_MIN, VP_BETA_MAX = 0.1, 20.0
+
+
+def vp_alpha(t: Tensor) -> Tensor:
+    """alpha(t) = exp(-(beta_min t + (beta_max - beta_min) t^2 / 2)): x_t = sqrt(alpha) x0 + sqrt(1 - alpha) z."""
+    return torch.exp(2.0 * (-0.25 * t**2 * (VP_BETA_MAX - VP_BETA_MIN) - 0.5 * t * VP_BETA_MIN))
+
+
+def load_digits(split: str) -> tuple[Tensor, Tensor]:
+    """The data plugin's digits split (images [N,1,8,8] in [0,1], labels), through the host registry:
+    the zoo does not import other plugins. Without the data plugin: BadInput naming it."""
+    from benchkit import registry
+
+    ds = registry.get("datasets").get("digits").build({"split": split})
+    return ds.get(range(len(ds)))
 
 
 @contextlib.contextmanager
@@ -76,8 +94,8 @@ def train_digits_cnn(seed: int = 0, epochs: int = 40, batch_size: int = 64, lr: 
 
     Adam with a cosine learning-rate decay, +-1 pixel random shifts. Returns the model in eval mode.
     """
+    x, y = load_digits("train")
     with deterministic(seed):
-        x, y = load_digits_split("train")
         gen = torch.Generator().manual_seed(seed)
         model = DigitsCNN()
         opt = torch.optim.Adam(model.parameters(), lr=lr)
@@ -114,7 +132,8 @@ def dsm_loss(model: nn.Module, x0: Tensor, t: Tensor, z: Tensor) -> Tensor:
 
     Equivalent to Song et al.'s DSM with lambda(t) = std(t)^2, per pixel instead of summed.
     """
-    x_t = sde.diffuse(x0, sde.alpha(t), z)
+    a = vp_alpha(t).view(-1, 1, 1, 1)
+    x_t = a.sqrt() * x0 + (1.0 - a).sqrt() * z
     return (model(x_t, t * DigitsUNet.TIME_SCALE) - z).pow(2).mean()
 
 
@@ -131,12 +150,12 @@ def train_digits_unet(
     """Continuous VP denoising score matching (Song et al. 2021) of DigitsUNet on the train split.
 
     x0 = 2 x - 1, t from `sample_dsm_times`, x_t = sqrt(alpha(t)) x0 + sqrt(1 - alpha(t)) z with
-    alpha from benchkit_diffpure.sde, loss `dsm_loss`. Adam with linear warm-up and cosine decay,
+    alpha = `vp_alpha`, loss `dsm_loss`. Adam with linear warm-up and cosine decay,
     gradient clipping at 1; the returned model is the EMA of the weights (eval mode).
     """
+    x, _ = load_digits("train")
     with deterministic(seed):
-        x, _ = load_digits_split("train")
-        x = sde.to_centered(x)
+        x = 2.0 * x - 1.0  # the diffusion's centred [-1, 1] convention
         gen = torch.Generator().manual_seed(seed)
         model = DigitsUNet()
         ema = copy.deepcopy(model).requires_grad_(False)

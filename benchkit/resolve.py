@@ -1,0 +1,255 @@
+"""A suite resolved once: every plugin id found, every params model validated, every attack's budget
+taken from its plugin's registered mapping, and the cells expanded. `validate`, `run`, `assets`,
+`purify`, the checks and the Ray workers all work from a `ResolvedSuite`.
+
+Cells come in two kinds: an attack cell (classifier, defense, attack) on the suite's images, and a
+clean cell (classifier, defense) that measures standard accuracy on the dataset's whole split
+(`eval.clean_on: split`). Both go through the same plan / shard / store path.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from pydantic import BaseModel
+from torch import nn
+
+from benchkit import registry
+from benchkit.attack import Attack
+from benchkit.dataset import Dataset
+from benchkit.defended import DefendedModel, Purifier
+from benchkit.errors import BadInput
+from benchkit.suite import ComponentSpec, DatasetSpec, DefenseSpec, EvalSpec, Suite, load_suite, stable_hash
+from benchkit.threat import ThreatModel
+
+# The version of the way numbers are made (seeding, verification). It keys every stored cell, so
+# results made under another protocol are recomputed, never silently reused.
+PROTOCOL = 2
+
+
+@dataclass(frozen=True)
+class Component:
+    """One suite entry bound to its registry entry and validated params."""
+    kind: str
+    where: str
+    spec: ComponentSpec | DatasetSpec
+    entry: registry.Entry
+    params: BaseModel
+
+    def build(self) -> Any:
+        return self.entry.build(self.params)
+
+
+@dataclass(frozen=True)
+class Cell:
+    kind: Literal["attack", "clean"]
+    classifier: ComponentSpec
+    defense: DefenseSpec
+    attack: ComponentSpec | None
+    dataset: DatasetSpec
+
+    @property
+    def group(self) -> str:
+        return f"{self.classifier.id}/{self.defense.id}"
+
+    @property
+    def key(self) -> str:
+        """Unique in a suite: ids cannot contain '/', and clean cells have two parts, attack cells three."""
+        return self.group if self.attack is None else f"{self.group}/{self.attack.id}"
+
+    def config(self, suite: Suite) -> dict:
+        """Everything that determines this cell's numbers (its hash keys the stored results)."""
+        dump = lambda c: None if c is None else c.model_dump(exclude={"description"})
+        return {"protocol": PROTOCOL, "kind": self.kind, "dataset": self.dataset.model_dump(), "seed": suite.seed,
+                "eval": numbers_config(suite.eval), "classifier": dump(self.classifier),
+                "defense": dump(self.defense), "attack": dump(self.attack)}
+
+    def config_hash(self, suite: Suite) -> str:
+        return stable_hash(self.config(suite))
+
+
+def numbers_config(spec: EvalSpec) -> dict:
+    """The eval settings that change a cell's numbers. Batch and shard sizes do not: every draw is
+    seeded per image."""
+    return {"repeats": spec.repeats}
+
+
+@dataclass
+class Components:
+    """The built models of a suite on one device (a missing checkpoint fails before any cell runs)."""
+    datasets: dict[str, Dataset]            # by the dataset spec's hash: the suite's images, the split
+    classifiers: dict[str, nn.Module]
+    defenses: dict[str, Purifier]
+    attacks: dict[str, Attack]
+    device: torch.device
+    defense_gradients: dict[str, str | None] = field(default_factory=dict)
+    # Clean verdicts per (group, image index, tag): every attack of a group shares them.
+    clean_flags: dict[tuple, str] = field(default_factory=dict)
+
+    def dataset(self, cell: Cell) -> Dataset:
+        return self.datasets[stable_hash(cell.dataset.model_dump())]
+
+    def defended(self, cell: Cell, attack: Attack | None = None) -> DefendedModel:
+        purifier = self.defenses[cell.defense.id]
+        gradient = ((attack.gradient if attack is not None else None) or self.defense_gradients.get(cell.defense.id)
+                    or default_gradient(purifier))
+        return DefendedModel(self.classifiers[cell.classifier.id], purifier, gradient=gradient)
+
+
+def default_gradient(purifier: Purifier) -> str:
+    return next((m for m in ("exact", "adjoint", "bpda", "none") if m in purifier.gradient_modes), "none")
+
+
+def _freeze(module: nn.Module, device: torch.device) -> nn.Module:
+    module.to(device).eval()
+    for p in module.parameters():
+        p.requires_grad_(False)
+    return module
+
+
+@dataclass
+class ResolvedSuite:
+    suite: Suite
+    path: Path
+    dataset: Component
+    split: Component | None
+    classifiers: dict[str, Component]
+    defenses: dict[str, Component]
+    attacks: dict[str, Component]
+    threats: dict[str, ThreatModel]          # attack id -> the budget its examples are verified against
+    attack_objects: dict[str, Attack]
+    cells: list[Cell]
+
+    def cell(self, key: str) -> Cell:
+        return next(c for c in self.cells if c.key == key)
+
+    def components(self) -> list[Component]:
+        return [self.dataset, *([self.split] if self.split else []), *self.classifiers.values(),
+                *self.defenses.values(), *self.attacks.values()]
+
+    def assets(self) -> list[tuple[str, Any, Path]]:
+        """(where in the suite, asset, resolved path) for every file the components declare."""
+        out = []
+        for comp in self.components():
+            if comp.entry.assets is None or comp is self.split:
+                continue
+            for asset, explicit in comp.entry.assets(comp.params):
+                out.append((f"{self.path}: {comp.where}", asset, Path(explicit).expanduser() if explicit else asset.path))
+        return out
+
+    def build(self, device: torch.device) -> Components:
+        """Every model on `device`; BadInput listing every component that cannot be built."""
+        problems: list[str] = []
+
+        def build(comp: Component):
+            try:
+                return comp.build()
+            except (BadInput, FileNotFoundError) as exc:  # e.g. a missing checkpoint: say which entry needs it
+                problems.extend(f"{self.path}: {comp.where}: {p}" for p in getattr(exc, "problems", [str(exc)]))
+            return None
+
+        datasets = {stable_hash(c.spec.model_dump()): build(c) for c in (self.dataset, self.split) if c is not None}
+        classifiers = {k: build(c) for k, c in self.classifiers.items()}
+        defenses = {k: build(c) for k, c in self.defenses.items()}
+        for i, d in enumerate(self.suite.defenses):
+            purifier = defenses.get(d.id)
+            if purifier is not None and d.gradient and d.gradient not in purifier.gradient_modes:
+                problems.append(f"{self.path}: defenses[{i}].gradient: '{d.id}' supports "
+                                f"{', '.join(purifier.gradient_modes)}, not '{d.gradient}'")
+        if problems:
+            raise BadInput(problems)
+        return Components(datasets, {k: _freeze(v, device) for k, v in classifiers.items()},
+                          {k: _freeze(v, device) for k, v in defenses.items()}, dict(self.attack_objects), device,
+                          {d.id: d.gradient for d in self.suite.defenses})
+
+    def rebuild_attack(self, attack_id: str, overrides: dict) -> tuple[Attack, ThreatModel]:
+        """The attack with some params changed (checks), and the budget those params declare."""
+        comp = self.attacks[attack_id]
+        params = comp.entry.validate({**comp.spec.params, **overrides}, f"{self.path}: {comp.where}")
+        return comp.entry.build(params), comp.entry.threat(params)
+
+
+def resolve(suite: Suite, path: str | Path) -> ResolvedSuite:
+    """Every plugin id, params model, budget mapping and cross-reference checked; BadInput with
+    every problem at once."""
+    from benchkit import checks  # the check names; checks imports this module
+
+    path = Path(path)
+    problems: list[str] = []
+
+    def component(kind: str, where: str, spec) -> Component | None:
+        try:
+            entry = registry.get(kind).get(spec.plugin, where=f"{path}: {where}.plugin")
+            return Component(kind, where, spec, entry, entry.validate(spec.params, f"{path}: {where}"))
+        except BadInput as exc:
+            problems.extend(exc.problems)
+        return None
+
+    dataset = component("datasets", "dataset", suite.dataset)
+    split = None
+    if suite.eval.clean_on == "split" and dataset is not None:
+        if "n" not in dataset.entry.params.model_fields:
+            problems.append(f"{path}: eval.clean_on: 'split' needs a dataset plugin with an 'n' param "
+                            f"(unset for the whole split); '{suite.dataset.plugin}' has none")
+        else:
+            split = component("datasets", "dataset (eval.clean_on: split)", suite.dataset.whole_split())
+    comps = {kind: {c.id: component(kind, f"{kind}[{i}]", c) for i, c in enumerate(getattr(suite, kind))}
+             for kind in ("classifiers", "defenses", "attacks")}
+    threats, objects = {}, {}
+    for attack_id, comp in comps["attacks"].items():
+        if comp is None:
+            continue
+        where = f"{path}: {comp.where}"
+        try:
+            threats[attack_id] = comp.entry.threat(comp.params)
+            objects[attack_id] = attack = comp.build()
+            if not attack.variants():
+                problems.append(f"{where}: attack '{comp.spec.plugin}' has no variants to run")
+        except BadInput as exc:
+            problems.extend(f"{where}: {p}" for p in exc.problems)
+        except Exception as exc:  # noqa: BLE001 - a plugin's bug in building an attack is reported, not raised
+            problems.append(f"{where}: attack '{comp.spec.plugin}' could not be built: {type(exc).__name__}: {exc}")
+
+    ids = {k: set(v) for k, v in comps.items()}
+    if suite.cells is not None and suite.grid is not None:
+        problems.append(f"{path}: grid: give either 'grid: all' or 'cells', not both")
+    for i, cell in enumerate(suite.cells or []):
+        for kind, val in (("classifiers", cell.classifier), ("defenses", cell.defense), ("attacks", cell.attack)):
+            if val not in ids[kind]:
+                problems.append(f"{path}: cells[{i}].{kind[:-1]}: unknown id '{val}' (defined: {', '.join(sorted(ids[kind]))})")
+    for i, ref in enumerate(suite.references):
+        for kind, val in (("defenses", ref.defense), ("attacks", ref.attack), ("classifiers", ref.classifier)):
+            if val is not None and val not in ids[kind]:
+                problems.append(f"{path}: references[{i}].{kind[:-1]}: unknown id '{val}'")
+    if suite.checks.enabled != "all":
+        for name in suite.checks.enabled:
+            if name not in checks.names():
+                problems.append(f"{path}: checks.enabled: unknown check '{name}' (known: {', '.join(checks.names())})")
+    for i, sweep in enumerate(suite.sweeps or []):
+        for point in sweep.points:
+            if point not in ids[sweep.over]:
+                problems.append(f"{path}: sweeps[{i}].points: unknown {sweep.over[:-1]} id '{point}'")
+    if problems:
+        raise BadInput(problems)
+
+    cells = []
+    for spec in suite.cell_specs():
+        cells.append(Cell("attack", suite.component("classifiers", spec.classifier),
+                          suite.component("defenses", spec.defense), suite.component("attacks", spec.attack),
+                          suite.dataset))
+    if split is not None:
+        groups = dict.fromkeys((c.classifier.id, c.defense.id) for c in cells)
+        cells += [Cell("clean", suite.component("classifiers", clf), suite.component("defenses", dfn), None,
+                       split.spec) for clf, dfn in groups]
+    return ResolvedSuite(suite, path, dataset, split, comps["classifiers"], comps["defenses"], comps["attacks"],
+                         threats, objects, cells)
+
+
+def load(path: str | Path, *, seed: int | None = None) -> ResolvedSuite:
+    """Load, validate and resolve a suite file (optionally under another seed)."""
+    suite = load_suite(path)
+    if seed is not None:
+        suite = suite.model_copy(update={"seed": seed})
+    return resolve(suite, path)

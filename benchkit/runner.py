@@ -1,0 +1,204 @@
+"""THE run pipeline: plan every cell's shards, hand tasks to an executor, commit results, record
+failures, run checks, finish the run. Executors (local, Ray) only turn tasks into results, with
+`execute` on whichever process holds the models.
+
+Policy, in one place:
+- a shard's rows are committed in one transaction; a rerun skips every stored image;
+- any exception while a cell runs fails that cell only: its message is recorded in one line, its
+  other shards are cancelled, and the run goes on (status 'failed', exit 1);
+- a cell's checks run once all its images are stored; the cross-cell check at the end.
+"""
+from __future__ import annotations
+
+import json
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from benchkit import checks, metrics
+from benchkit.evaluate import CellFailure, ShardResult, evaluate_shard, one_line
+from benchkit.resolve import Cell, Components, ResolvedSuite
+from benchkit.store import Store
+from benchkit.suite import stable_hash
+
+
+@dataclass(frozen=True)
+class Task:
+    kind: str                         # "shard" | "checks"
+    cell_key: str
+    indices: tuple[int, ...] = ()
+    # checks: the cell's stored example rows and per-shard attack stats
+    examples: tuple = ()
+    shard_stats: tuple = ()
+
+
+@dataclass
+class Failed:
+    """A task's exception, as one line (returned rather than raised: executors never retry it)."""
+    message: str
+
+
+def execute(task: Task, resolved: ResolvedSuite, comps: Components) -> ShardResult | list | Failed:
+    """Run one task where the models live. Never raises for a cell's own failure."""
+    try:
+        cell = resolved.cell(task.cell_key)
+        if task.kind == "shard":
+            return evaluate_shard(resolved, comps, cell, task.indices)
+        return checks.run_checks(resolved, comps, cell, list(task.examples), list(task.shard_stats))
+    except CellFailure as exc:
+        return Failed(str(exc))
+    except Exception as exc:  # noqa: BLE001 - a plugin bug or out of memory fails the cell, not the run
+        return Failed(one_line(exc))
+
+
+class Executor(Protocol):
+    def submit(self, task: Task, *, urgent: bool = False) -> None: ...
+    def cancel(self, cell_key: str) -> None: ...
+    def next(self) -> tuple[Task, object] | None: ...
+    def close(self) -> None: ...
+
+
+@dataclass
+class Plan:
+    cell: Cell
+    cell_id: int
+    n: int
+    shards: list[list[int]]          # the images still to compute
+    left: int = 0
+    failed: bool = False
+    computed: bool = False           # this run committed something: its checks are stale
+
+
+class Progress:
+    """A one-line progress bar on stderr (one line per shard when stderr is not a terminal)."""
+
+    def __init__(self, total: int, stream=None):
+        stream = stream or sys.stderr
+        self.total, self.done, self.stream, self.t0 = total, 0, stream, time.time()
+        self.tty = stream.isatty()
+
+    def update(self, n: int, label: str) -> None:
+        self.done += n
+        frac = self.done / max(1, self.total)
+        bar = "#" * int(30 * frac) + "-" * (30 - int(30 * frac))
+        line = f"[{bar}] {self.done}/{self.total} images  {time.time() - self.t0:6.1f}s  {label}"
+        self.stream.write(("\r" + line.ljust(110)) if self.tty else line + "\n")
+        self.stream.flush()
+
+    def close(self) -> None:
+        if self.tty:
+            self.stream.write("\n")
+
+
+def chunks(items: list[int], size: int) -> list[list[int]]:
+    return [items[s:s + size] for s in range(0, len(items), size)]
+
+
+def plan(resolved: ResolvedSuite, sizes: dict[str, int], store: Store, limit: int | None) -> list[Plan]:
+    """Every cell's stored id and the shards of its images not yet stored. sizes: dataset length per cell."""
+    suite = resolved.suite
+    size = suite.eval.shard_size or suite.eval.batch_size
+    plans = []
+    for cell in resolved.cells:
+        n = sizes[cell.key] if limit is None else min(limit, sizes[cell.key])
+        variants = [v for v, _ in resolved.attack_objects[cell.attack.id].variants()] if cell.attack else [""]
+        cell_id = store.ensure_cell(cell.key, cell.config_hash(suite), cell.kind, cell.classifier.id, cell.defense.id,
+                                    cell.attack.id if cell.attack else "", cell.config(suite), variants, n,
+                                    suite.eval.repeats)
+        done = store.stored_images(cell_id)
+        shards = chunks([i for i in range(n) if i not in done], size)
+        plans.append(Plan(cell, cell_id, n, shards, left=len(shards)))
+    return plans
+
+
+def stored_inputs(store: Store, cell_id: int) -> tuple[tuple, tuple]:
+    return (tuple(dict(r) for r in store.examples(cell_id)),
+            tuple(json.loads(s["stats_json"]) for s in store.shards(cell_id)))
+
+
+@dataclass
+class Outcome:
+    run_id: int
+    status: str                       # done | failed | interrupted
+    failures: list[str] = field(default_factory=list)
+
+
+def run(resolved: ResolvedSuite, store: Store, executor: Executor, *, sizes: dict[str, int], limit: int | None,
+        provenance: dict, suite_json: dict, announce=None) -> Outcome:
+    """Plan, execute, commit and check every cell; the run's status is always recorded."""
+    plans = plan(resolved, sizes, store, limit)
+    suite = resolved.suite
+    prov = provenance | {"cell_ids": {p.cell.key: p.cell_id for p in plans},
+                         "cell_n": {p.cell.key: p.n for p in plans}, "limit": limit}
+    run_id = store.start_run(suite.suite, str(resolved.path.resolve()), stable_hash(suite_json), suite_json, prov)
+    if announce:
+        announce(plans)
+    outcome = Outcome(run_id, "running")
+    try:
+        _loop(resolved, store, executor, plans, outcome)
+    except KeyboardInterrupt:
+        store.finish_run(run_id, "interrupted")
+        outcome.status = "interrupted"
+        raise
+    finally:
+        executor.close()
+    outcome.status = "failed" if outcome.failures else "done"
+    store.finish_run(run_id, outcome.status)
+    return outcome
+
+
+def _loop(resolved: ResolvedSuite, store: Store, executor: Executor, plans: list[Plan], outcome: Outcome) -> None:
+    by_key = {p.cell.key: p for p in plans}
+    progress = Progress(sum(len(s) for p in plans for s in p.shards))
+
+    def submit_checks(p: Plan) -> None:
+        if p.cell.kind == "attack":
+            examples, stats = stored_inputs(store, p.cell_id)
+            executor.submit(Task("checks", p.cell.key, examples=examples, shard_stats=stats), urgent=True)
+
+    for p in plans:
+        for shard in p.shards:
+            executor.submit(Task("shard", p.cell.key, tuple(shard)))
+        if not p.shards and p.n and not store.checks(p.cell_id):
+            submit_checks(p)
+    while (item := executor.next()) is not None:
+        task, result = item
+        p = by_key[task.cell_key]
+        if task.kind == "checks":
+            if isinstance(result, Failed):
+                result = [checks.CheckResult("checks", "fail", f"checks could not run: {result.message}")]
+            store.save_checks(p.cell_id, outcome.run_id, result)
+            continue
+        if p.failed:
+            continue
+        if isinstance(result, Failed):
+            what = "standard accuracy" if p.cell.kind == "clean" else f"attack {p.cell.attack.id}"
+            msg = f"{what} on images {task.indices[0]}..{task.indices[-1]}: {result.message}"
+            store.record_failure(p.cell_id, outcome.run_id, msg)
+            outcome.failures.append(f"{p.cell.key}: {msg}")
+            p.failed = True
+            executor.cancel(p.cell.key)   # the cell cannot be trusted: stop its other shards
+            continue
+        store.commit_shard(p.cell_id, outcome.run_id, result.rows, result.seconds, result.stats, result.samples)
+        progress.update(len(task.indices), p.cell.key if p.cell.kind == "attack" else f"{p.cell.key} (standard accuracy)")
+        p.left -= 1
+        if p.left == 0:
+            submit_checks(p)
+    progress.close()
+    if checks.enabled(resolved, "black-box-vs-white-box"):
+        _cross_cell_checks(resolved, store, plans, outcome.run_id)
+
+
+def _cross_cell_checks(resolved: ResolvedSuite, store: Store, plans: list[Plan], run_id: int) -> None:
+    rows = []
+    for p in plans:
+        if p.cell.kind != "attack" or p.failed or not p.n or len(store.stored_images(p.cell_id)) < p.n:
+            continue
+        attack = resolved.attack_objects[p.cell.attack.id]
+        rows.append({"key": p.cell.key, "cell_id": p.cell_id, "access": attack.access, "goal": attack.goal,
+                     "classifier": p.cell.classifier.id, "defense": p.cell.defense.id,
+                     "robust": metrics.summarise(store.examples(p.cell_id))["robust"].mean})
+    ids = {r["key"]: r["cell_id"] for r in rows}
+    for key, result in checks.black_box_vs_white_box(rows).items():
+        store.save_checks(ids[key], run_id, [result])
