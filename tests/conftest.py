@@ -13,6 +13,13 @@ SHARED = ROOT.parent / "shared"
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 
+def needs_shared(path: Path) -> list:
+    """Marks for tests that read reference data from ../shared (never copied into the repo): the
+    `shared` marker (`pytest -m shared` selects them) and a skip that says what is missing."""
+    return [pytest.mark.shared, pytest.mark.skipif(not path.exists(), reason=f"{path} not found: these tests read "
+                                                   "../shared beside the checkout (reference data, not copied here)")]
+
+
 @pytest.fixture
 def one_thread():
     """One intra-op thread for modules of many tiny ops: on a shared 2-core machine a second

@@ -16,10 +16,10 @@ from safetensors.torch import load_file
 from benchkit_diffpure import sde
 from benchkit_diffpure.architectures.ncsnpp import NCSNpp, load_score_sde_checkpoint
 
+from conftest import needs_shared
+
 REF = Path(__file__).resolve().parents[2] / "shared" / "reference"
-pytestmark = pytest.mark.skipif(
-    not REF.is_dir(), reason=f"reference fixtures folder {REF} is absent (shared/reference next to the repo)"
-)
+pytestmark = needs_shared(REF)
 
 WEIGHT_VARIANTS = ["ncsnpp_cifar10_small", "ncsnpp_cifar10_small_fanin"]
 

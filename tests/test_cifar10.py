@@ -9,10 +9,10 @@ import torch
 
 from benchkit import registry
 from benchkit.errors import BadInput
-from conftest import SHARED
+from conftest import SHARED, needs_shared
 
 DATA = SHARED / "data" / "cifar10_test_first1017.npz"
-pytestmark = pytest.mark.skipif(not DATA.is_file(), reason=f"{DATA} not found")
+pytestmark = needs_shared(DATA)
 
 
 @pytest.fixture(scope="module")
