@@ -184,12 +184,11 @@ def evaluate_shard(resolved: ResolvedSuite, comps: Components, cell: Cell, indic
     x, y = comps.dataset(cell).get(indices)
     x, y = x.to(device), y.to(device)
     attack = comps.attacks[cell.attack.id] if cell.attack is not None else None
-    model = comps.defended(cell)
+    model = comps.defended(cell, attack)   # clean verdicts predict without gradients: any mode serves
     clean_flags = _clean(resolved, comps, cell, model, x, y, indices)
     if attack is None:
         rows = [(int(idx), "", int(y[k]), clean_flags[k], None, None) for k, idx in enumerate(indices)]
         return ShardResult(rows, {}, time.perf_counter() - t0)
-    model = comps.defended(cell, attack)
     threat = resolved.threats[cell.attack.id]
     ctx_base = {"device": device, "undefended": comps.classifiers[cell.classifier.id],
                 "batch_size": suite.eval.batch_size}

@@ -8,7 +8,6 @@ import sqlite3
 
 import pytest
 import torch
-from torch import nn
 
 from benchkit.attack import Attack, AttackResult
 from benchkit.cli import main
@@ -17,19 +16,7 @@ from benchkit.hookspecs import hookimpl
 from benchkit.params import Budget, Params
 from benchkit.threat import Linf
 from conftest import write
-
-
-def blobs(n=24, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    protos = torch.stack([torch.full((1, 4, 4), v) for v in (0.2, 0.5, 0.8)])
-    y = torch.arange(n) % 3
-    return (protos[y] + 0.02 * torch.randn(n, 1, 4, 4, generator=g)).clamp(0, 1), y
-
-
-class Nearest(nn.Module):
-    def forward(self, x):
-        m = x.flatten(1).mean(1, keepdim=True)
-        return -((m - torch.tensor([[0.2, 0.5, 0.8]])) ** 2) * 100
+from test_run import Nearest, blobs
 
 
 class HostileParams(Params):
