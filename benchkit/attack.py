@@ -30,6 +30,10 @@ class AttackResult:
     extra: dict[str, Tensor] = field(default_factory=dict)
     # Numbers worth keeping (e.g. zero-gradient counts) for checks; JSON-serialisable.
     stats: dict[str, float] = field(default_factory=dict)
+    # The attack's own verdict per image (True: robust), as its authors' protocol decides it, e.g.
+    # AutoAttack's robust flags during its run. Stored and shown beside the host's verdict so a
+    # published number can be compared like for like; never used for benchkit's own numbers.
+    verdict: Tensor | None = None
 
 
 @dataclass

@@ -5,10 +5,16 @@ import argparse
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from benchkit.errors import BadInput
 
+if TYPE_CHECKING:  # torch is imported inside the commands that need it, as elsewhere in this module
+    import torch
+
 EXIT_OK, EXIT_CELL_FAILED, EXIT_BAD_INPUT = 0, 1, 2
+# --device: unset means the suite's eval.device, else auto (an explicit flag beats the suite).
+DEVICE_CHOICES = ["auto", "cpu", "cuda", "mps"]
 
 
 class _Parser(argparse.ArgumentParser):
@@ -18,9 +24,48 @@ class _Parser(argparse.ArgumentParser):
         raise SystemExit(EXIT_BAD_INPUT)
 
 
-def cmd_run(args: argparse.Namespace) -> int:
+def best_device() -> "torch.device":
+    """The fastest device this machine has: cuda, else mps (Apple silicon), else cpu."""
     import torch
 
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    mps = getattr(torch.backends, "mps", None)
+    if mps is not None and mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def local_device(flag: str | None, suite_device: str | None) -> "torch.device":
+    """The device for models in this process: --device if given, else the suite's eval.device,
+    else auto (`best_device`). A device this machine lacks is BadInput in one line, naming where
+    it was asked for."""
+    import torch
+
+    name, where = (flag, "--device") if flag else (suite_device, "eval.device") if suite_device else ("auto", "")
+    if name == "auto":
+        return best_device()
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise BadInput(f"{where} {name}: no CUDA device is available on this machine")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise BadInput(f"{where} {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    if device.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise BadInput(f"{where} {name}: no MPS device is available on this machine")
+    return device
+
+
+def device_label(device: "torch.device") -> str:
+    """The device as the run's header names it, e.g. 'cuda:0 (NVIDIA H200)'."""
+    import torch
+
+    if device.type == "cuda" and torch.cuda.is_available():
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        return f"cuda:{index} ({torch.cuda.get_device_name(index)})"
+    return str(device)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
     from benchkit import provenance, report, resolve, runner
     from benchkit.store import Store
     from benchkit.suite import resolved_dict, stable_hash
@@ -30,10 +75,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     _require_assets(resolved)
     default_out = Path("runs") / suite.suite if args.seed is None else Path("runs") / suite.suite / f"seed{args.seed}"
     out = Path(args.out or default_out)
-    device = torch.device(args.device or suite.eval.device or "cpu")
     if args.executor == "ray":
-        from benchkit.executors.ray import RayExecutor
+        from benchkit.executors.ray import RayExecutor, cluster_device
 
+        # The models live on the cluster: auto means its GPUs if it has any, whatever the driver has.
+        device = cluster_device(args.device, suite.eval.device)
+        where = f"{device_label(device) if device.type != 'cuda' else 'cuda'} on the Ray cluster"
         executor = RayExecutor(resolved, device)
         # The models live on the cluster; the driver only needs the datasets' sizes to plan.
         datasets = {c.spec.model_dump_json(): c.build() for c in (resolved.dataset, resolved.split) if c}
@@ -41,8 +88,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     else:
         from benchkit.executors.local import LocalExecutor
 
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise BadInput("--device cuda: no CUDA device is available on this machine")
+        device = local_device(args.device, suite.eval.device)
+        where = device_label(device)
         comps = resolved.build(device)
         executor = LocalExecutor(resolved, comps)
         sizes = {c.key: len(comps.dataset(c)) for c in resolved.cells}
@@ -57,8 +104,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         todo = sum(len(p.shards) for p in plans)
         clean = sum(p.cell.kind == "clean" for p in plans)
         extra = f" + standard accuracy of {clean} group(s) on the whole split" if clean else ""
-        print(f"benchkit: {suite.suite}: {len(plans) - clean} cells{extra}, {todo} shard(s) to compute -> {out}",
-              file=sys.stderr)
+        print(f"benchkit: {suite.suite}: {len(plans) - clean} cells{extra}, {todo} shard(s) to compute -> {out} "
+              f"(device: {where})", file=sys.stderr)
 
     try:
         outcome = runner.run(resolved, store, executor, sizes=sizes, limit=args.limit, provenance=prov,
@@ -202,9 +249,7 @@ def cmd_purify(args: argparse.Namespace) -> int:
         purifier = comp.build()
     except (BadInput, FileNotFoundError) as exc:
         raise BadInput([f"{where}: {p}" for p in getattr(exc, "problems", [str(exc)])]) from None
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise BadInput("--device cuda: no CUDA device is available on this machine")
+    device = local_device(args.device, suite.eval.device)
     purifier = purifier.to(device).eval()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -237,7 +282,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="output folder (default runs/<suite name>)")
     p.add_argument("--executor", choices=["local", "ray"], default="local",
                    help="local: this process; ray: (cell, shard) tasks on the Ray cluster at RAY_ADDRESS, else a local one")
-    p.add_argument("--device", choices=["cpu", "cuda"])
+    p.add_argument("--device", choices=DEVICE_CHOICES,
+                   help="where the models run (default: the suite's eval.device, else auto: cuda if available, "
+                        "else mps, else cpu)")
     p.add_argument("--limit", type=int, help="only the first N images")
     p.add_argument("--seed", type=int, help="override the suite's seed (default output runs/<suite>/seed<N>; "
                                             "`report --index runs/<suite>` then gives mean ± std over seeds)")
@@ -267,7 +314,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--defense", required=True, help="the defense's id in that suite")
     p.add_argument("inputs", nargs="+", metavar="IN", help="PNG files (8-bit grey, RGB or RGBA; alpha is dropped)")
     p.add_argument("--out", required=True, help="output folder: OUT/<name>.png per input")
-    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--device", choices=DEVICE_CHOICES,
+                   help="where the defense runs (default: the suite's eval.device, else auto: cuda if available, "
+                        "else mps, else cpu)")
     p.add_argument("--seed", type=int, default=0, help="seed of the defense's randomness (per image: seed + file name)")
     p.set_defaults(func=cmd_purify)
     get_plugin_manager().hook.register_commands(cli=sub)

@@ -33,5 +33,7 @@ class TensorDataset(Dataset):
         return int(self.x.shape[0])
 
     def get(self, indices: Sequence[int]) -> tuple[Tensor, Tensor]:
-        idx = torch.as_tensor(list(indices), dtype=torch.long)
+        # On the images' own device, named: an index tensor on the ambient default device would not
+        # be (torch.set_default_device), and indexing across devices fails.
+        idx = torch.as_tensor(list(indices), dtype=torch.long, device=self.x.device)
         return self.x[idx], self.y[idx]

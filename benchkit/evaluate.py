@@ -21,6 +21,7 @@ from benchkit.attack import Attack, AttackContext, AttackResult
 from benchkit.defended import DefendedModel, Purifier
 from benchkit.noise import PerExampleNoise, derive_seed
 from benchkit.resolve import Cell, Components, ResolvedSuite
+from benchkit.suite import VerdictSpec
 from benchkit.threat import ThreatModel
 
 
@@ -28,13 +29,39 @@ class CellFailure(Exception):
     """The cell cannot produce trustworthy numbers (e.g. an example outside the threat model)."""
 
 
-def _classify(model: DefendedModel, x: Tensor, y: Tensor, seeds: list[int], batch_size: int) -> Tensor:
-    out = []
-    for s in range(0, x.shape[0], batch_size):
-        noise = PerExampleNoise(seeds[s:s + batch_size])
+def _correct(model: DefendedModel, x: Tensor, y: Tensor, seeds: list[list[int]], batch_size: int,
+             aggregate: str = "single") -> Tensor:
+    """One verdict per image (bool, on the CPU): seeds[s][i] seeds image i's s-th purification.
+    single: one purification; mean-logits: the argmax of the logits averaged over the purifications;
+    majority: the true label must have strictly more votes than any other (a tie is not correct)."""
+    n, k = x.shape[0], len(seeds)
+    if k == 1 and aggregate == "single":
+        out = []
+        for s in range(0, n, batch_size):
+            noise = PerExampleNoise(seeds[0][s:s + batch_size])
+            with torch.inference_mode():
+                out.append(model.predict(x[s:s + batch_size], noise=noise) == y[s:s + batch_size])
+        return torch.cat(out).cpu()
+    # All k purifications of all images as one stream of rows (sample-major), in batch_size chunks.
+    rows = [(j, i) for j in range(k) for i in range(n)]
+    total = None
+    for s in range(0, len(rows), batch_size):
+        chunk = rows[s:s + batch_size]
+        images = torch.tensor([i for _, i in chunk], device=x.device)
+        noise = PerExampleNoise([seeds[j][i] for j, i in chunk])
         with torch.inference_mode():
-            out.append(model.predict(x[s:s + batch_size], noise=noise) == y[s:s + batch_size])
-    return torch.cat(out).cpu()
+            logits = model.classifier(model.purifier.purify(x[images], gradient="none", noise=noise)).float()
+            if total is None:
+                total = logits.new_zeros((n, logits.shape[1]))
+            if aggregate == "mean-logits":
+                total.index_add_(0, images, logits)
+            else:
+                total.index_put_((images, logits.argmax(1)), torch.ones_like(images, dtype=total.dtype), accumulate=True)
+    if aggregate == "mean-logits":
+        return (total.argmax(1) == y).cpu()
+    true = total.gather(1, y[:, None]).squeeze(1)
+    others = total.scatter(1, y[:, None], float("-inf")).amax(1)
+    return (true > others).cpu()
 
 
 def _flags(columns: list[Tensor]) -> list[str]:
@@ -43,19 +70,21 @@ def _flags(columns: list[Tensor]) -> list[str]:
 
 
 def verdicts(model: DefendedModel, x: Tensor, y: Tensor, indices: Sequence[int], seed_parts: tuple,
-             repeats: int, batch_size: int) -> list[str]:
-    """Per image, '1'/'0' per repeat: correct or not, with noise seeded (*seed_parts, index, repeat)."""
-    reps = repeats if model.stochastic else 1
-    return _flags([_classify(model, x, y, [derive_seed(*seed_parts, i, r) for i in indices], batch_size)
-                   for r in range(reps)])
+             repeats: int, batch_size: int, verdict: VerdictSpec | None = None) -> list[str]:
+    """Per image, '1'/'0' per repeat: correct or not under the verification protocol, the
+    purification noise seeded (*seed_parts, index, repeat[, sample]). A deterministic defense
+    gets one verdict from one pass."""
+    verdict = verdict or VerdictSpec()
+    if not model.stochastic:
+        repeats, verdict = 1, VerdictSpec()
+    k = verdict.samples
 
+    def seeds(r: int) -> list[list[int]]:
+        if k == 1:
+            return [[derive_seed(*seed_parts, i, r) for i in indices]]
+        return [[derive_seed(*seed_parts, i, r, "sample", j) for i in indices] for j in range(k)]
 
-def clean_verdicts(model: DefendedModel, x: Tensor, y: Tensor, indices: Sequence[int], seed_parts: tuple,
-                   tag: str, repeats: int, batch_size: int) -> list[str]:
-    """Correct on the unattacked input, noise seeded per image (kept as before: (*seed_parts, i, tag, r))."""
-    reps = repeats if model.stochastic else 1
-    return _flags([_classify(model, x, y, [derive_seed(*seed_parts, i, tag, r) for i in indices], batch_size)
-                   for r in range(reps)])
+    return _flags([_correct(model, x, y, seeds(r), batch_size, verdict.aggregate) for r in range(repeats)])
 
 
 def check_result(result: object, x: Tensor, threat: ThreatModel) -> tuple[Tensor, dict]:
@@ -73,6 +102,11 @@ def check_result(result: object, x: Tensor, threat: ThreatModel) -> tuple[Tensor
         raise CellFailure(f"x_adv is on {x_adv.device}, expected {x.device}")
     if not isinstance(extra, dict) or not all(isinstance(v, Tensor) and v.shape[:1] == x.shape[:1] for v in extra.values()):
         raise CellFailure("extra must map names to tensors with one row per image")
+    verdict = result.verdict
+    if verdict is not None and not (isinstance(verdict, Tensor) and tuple(verdict.shape) == (x.shape[0],)
+                                    and (verdict.dtype == torch.bool or bool(((verdict == 0) | (verdict == 1)).all()))):
+        raise CellFailure(f"verdict must be a tensor of {x.shape[0]} booleans (robust per image), got "
+                          f"{type(verdict).__name__}{' of shape ' + str(tuple(verdict.shape)) if isinstance(verdict, Tensor) else ''}")
     x_adv = x_adv.detach()
     extra = {k: v.detach() for k, v in extra.items()}
     problems = threat.violations(x, x_adv, extra)
@@ -114,13 +148,14 @@ def one_line(exc: BaseException) -> str:
 
 
 def robust_accuracy(model: DefendedModel, attack: Attack, threat: ThreatModel, x: Tensor, y: Tensor,
-                    ctx_base: dict, seed_parts: tuple, repeats: int = 1) -> float:
-    """Per-image worst case over the attack's variants, mean over `repeats` re-evaluations, in %."""
+                    ctx_base: dict, seed_parts: tuple, repeats: int = 1, verdict: VerdictSpec | None = None) -> float:
+    """Per-image worst case over the attack's variants, each image robust if the majority of its
+    `repeats` verdicts says so, in %."""
     indices = list(range(x.shape[0]))
-    robust = torch.ones(x.shape[0], dtype=torch.bool)
+    robust = torch.ones(x.shape[0], dtype=torch.bool, device="cpu")   # bookkeeping of the CPU verdicts
     for variant, x_adv, _, _ in run_attack(model, attack, threat, x, y, indices, ctx_base, seed_parts):
-        flags = verdicts(model, x_adv, y, indices, (*seed_parts, variant, "adv"), repeats, x.shape[0])
-        robust &= torch.tensor([f.count("1") * 2 > len(f) for f in flags])
+        flags = verdicts(model, x_adv, y, indices, (*seed_parts, variant, "adv"), repeats, x.shape[0], verdict)
+        robust &= torch.tensor([f.count("1") * 2 > len(f) for f in flags], device="cpu")
     return float(robust.float().mean() * 100)
 
 
@@ -156,7 +191,8 @@ def strip_samples(purifier: Purifier, seed: int, cell: Cell, indices: Sequence[i
 
 @dataclass
 class ShardResult:
-    # (image_index, variant, label, clean_flags, adv_flags or None, distance or None)
+    # (image_index, variant, label, clean_flags, adv_flags or None, distance or None,
+    #  the attack's own verdict: 1 robust / 0 broken / None)
     rows: list[tuple]
     stats: dict
     seconds: float
@@ -171,8 +207,8 @@ def _clean(resolved: ResolvedSuite, comps: Components, cell: Cell, model: Defend
     tag = "clean" if cell.kind == "attack" else "clean-split"
     todo = [k for k, i in enumerate(indices) if (cell.group, tag, i) not in comps.clean_flags]
     if todo:
-        flags = clean_verdicts(model, x[todo], y[todo], [indices[k] for k in todo], (suite.seed, cell.group), tag,
-                               suite.eval.repeats, suite.eval.batch_size)
+        flags = verdicts(model, x[todo], y[todo], [indices[k] for k in todo], (suite.seed, cell.group, tag),
+                         suite.eval.repeats, suite.eval.batch_size, suite.eval.verdict)
         comps.clean_flags.update({(cell.group, tag, indices[k]): f for k, f in zip(todo, flags)})
     return [comps.clean_flags[cell.group, tag, i] for i in indices]
 
@@ -187,7 +223,7 @@ def evaluate_shard(resolved: ResolvedSuite, comps: Components, cell: Cell, indic
     model = comps.defended(cell, attack)   # clean verdicts predict without gradients: any mode serves
     clean_flags = _clean(resolved, comps, cell, model, x, y, indices)
     if attack is None:
-        rows = [(int(idx), "", int(y[k]), clean_flags[k], None, None) for k, idx in enumerate(indices)]
+        rows = [(int(idx), "", int(y[k]), clean_flags[k], None, None, None) for k, idx in enumerate(indices)]
         return ShardResult(rows, {}, time.perf_counter() - t0)
     threat = resolved.threats[cell.attack.id]
     ctx_base = {"device": device, "undefended": comps.classifiers[cell.classifier.id],
@@ -198,11 +234,11 @@ def evaluate_shard(resolved: ResolvedSuite, comps: Components, cell: Cell, indic
         if samples is None:  # the first variant's examples
             samples = strip_samples(model.purifier, suite.seed, cell, indices, x, x_adv)
         distance = threat.distance(x, x_adv, extra).cpu().tolist()
-        adv = [_classify(model, x_adv, y, [derive_seed(suite.seed, cell.key, variant, i, "adv", r) for i in indices],
-                         suite.eval.batch_size) for r in range(suite.eval.repeats if model.stochastic else 1)]
-        adv_flags = _flags(adv)
+        adv_flags = verdicts(model, x_adv, y, indices, (suite.seed, cell.key, variant, "adv"), suite.eval.repeats,
+                             suite.eval.batch_size, suite.eval.verdict)
+        claimed = [None] * len(indices) if result.verdict is None else result.verdict.cpu().int().tolist()
         for k, idx in enumerate(indices):
-            rows.append((int(idx), variant, int(y[k]), clean_flags[k], adv_flags[k], float(distance[k])))
+            rows.append((int(idx), variant, int(y[k]), clean_flags[k], adv_flags[k], float(distance[k]), claimed[k]))
         stats.update({f"{variant}.{k}" if variant else k: v for k, v in (result.stats or {}).items()
                       if isinstance(v, (int, float))})
     return ShardResult(rows, stats, time.perf_counter() - t0, samples or [])

@@ -56,13 +56,16 @@ def summarise(rows: list) -> dict:
 
     robust is the per-image worst case over the attack's variants (e.g. AutoAttack standard and
     rand); per_variant keeps each variant's own numbers; robust_flags is that worst case per image
-    and repeat (bool [n_images, repeats]), for worst cases across cells.
+    and repeat (bool [n_images, repeats]), for worst cases across cells; attack_verdict is the
+    attack's own verdict (see attack_verdict), or None.
     """
     by_variant: dict[str, dict[int, str]] = {}
+    claimed: dict[str, list] = {}
     clean: dict[int, str] = {}
     for r in rows:
         if r["adv_flags"] is not None:   # None: a clean cell's row (no attack)
             by_variant.setdefault(r["variant"], {})[r["image_index"]] = r["adv_flags"]
+            claimed.setdefault(r["variant"], []).append(_get(r, "attack_verdict"))
         clean[r["image_index"]] = r["clean_flags"]
     images = sorted(clean)
     variants = sorted(by_variant)
@@ -71,4 +74,23 @@ def summarise(rows: list) -> dict:
            "per_variant": {v: accuracy(m) for v, m in mats.items()}}
     out["robust_flags"] = worst_case(list(mats.values())) if mats else None
     out["robust"] = accuracy(out["robust_flags"]) if mats else None
+    out["attack_verdict"] = attack_verdict(claimed)
     return out
+
+
+def _get(row, key: str):
+    try:
+        return row[key]
+    except (KeyError, IndexError):   # rows stored before the column existed
+        return None
+
+
+def attack_verdict(claimed: dict[str, list]) -> dict | None:
+    """The attacks' own robust accuracy, as a paper reports it: per variant the share of images the
+    attack itself judged robust, and over variants the lowest of those accuracies (the paper takes
+    the lower of AutoAttack standard and rand, not a per-image worst case). None unless every
+    example of every variant carries a verdict."""
+    if not claimed or any(v is None for vs in claimed.values() for v in vs):
+        return None
+    per = {k: float(np.mean([bool(v) for v in vs]) * 100) for k, vs in claimed.items()}
+    return {"per_variant": per, "value": min(per.values()), "n": len(next(iter(claimed.values())))}

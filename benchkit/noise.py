@@ -48,9 +48,12 @@ class PerExampleNoise(Noise):
             self.generators.append(g)
 
     def _draw(self, fn, shape: tuple[int, ...], device, dtype) -> Tensor:
+        # Drawn on the CPU whatever the run's device (the generators are CPU generators, and the
+        # numbers must not depend on the device), named explicitly so a default device set with
+        # torch.set_default_device cannot move the draw away from its generator.
         rows, rest = shape[0], tuple(shape[1:])
         n = len(self.generators)
-        out = torch.stack([fn(rest, generator=self.generators[r % n], dtype=dtype) for r in range(rows)])
+        out = torch.stack([fn(rest, generator=self.generators[r % n], dtype=dtype, device="cpu") for r in range(rows)])
         return out.to(device)
 
     def randn(self, shape, *, device, dtype):
@@ -117,7 +120,9 @@ class ImageStreams(Noise):
         rows, rest = shape[0], tuple(shape[1:])
         if not self.rows:
             raise RuntimeError("ImageStreams: draw before any rows were bound (use it through DefendedModel)")
-        out = torch.stack([fn(rest, generator=self.rows[r % len(self.rows)], dtype=dtype) for r in range(rows)])
+        # CPU generators, CPU draws (see PerExampleNoise._draw), then onto the run's device.
+        out = torch.stack([fn(rest, generator=self.rows[r % len(self.rows)], dtype=dtype, device="cpu")
+                           for r in range(rows)])
         return out.to(device)
 
     def randn(self, shape, *, device, dtype):

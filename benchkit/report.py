@@ -46,6 +46,7 @@ def collect(store: Store, run_id: int | None = None) -> dict:
         row = {"key": key, "kind": cell["kind"], "classifier": cell["classifier"], "defense": cell["defense"],
                "attack": cell["attack"], "n": n, "n_expected": n_expected, "complete": complete, "status": status,
                "clean": s["clean"] if s else None, "robust": s["robust"] if s else None,
+               "attack_verdict": s["attack_verdict"] if s else None,
                "per_variant": s["per_variant"] if s else {}, "failures": failures,
                "checks": [dict(c) | {"numbers": json.loads(c["numbers_json"])} for c in store.checks(cell_id)],
                "seconds": sum(sh["seconds"] for sh in store.shards(cell_id)), "cell_id": cell_id}
@@ -134,11 +135,32 @@ def strips(store: Store, rows: list[dict]) -> list[dict]:
 
 def matching_reference(references: list[dict], row: dict) -> dict | None:
     """The published numbers for this cell: same defense and attack, and same classifier where the
-    reference names one."""
+    reference names one. References without a defense and attack (label only) match no cell."""
     for ref in references:
+        if ref.get("defense") is None or ref.get("attack") is None:
+            continue
         if (ref["defense"], ref["attack"]) == (row["defense"], row["attack"]) and ref.get("classifier") in (None, row["classifier"]):
             return ref
     return None
+
+
+def published(ref: dict | None, what: str) -> str:
+    """A reference's standard or robust accuracy with its published ± ('' when it has none)."""
+    if ref is None or ref.get(what) is None:
+        return ""
+    std = ref.get(f"{what}_std")
+    return f"{ref[what]:.2f}" + ("" if std is None else f" ± {std:.2f}")
+
+
+def reference_name(ref: dict) -> tuple[str, str, str]:
+    """(classifier, defense, attack) columns of a reference row."""
+    if ref.get("label"):
+        return ref.get("classifier") or "", ref["label"], (ref.get("attack") or "") + " (reference)"
+    return ref.get("classifier") or "", ref.get("defense") or "", f"{ref.get('attack') or ''} (reference)"
+
+
+def verdict_text(v: dict | None) -> str:
+    return "-" if v is None else f"{v['value']:.2f}"
 
 
 def worst_case_groups(store: Store, rows: list[dict]) -> list[dict]:
@@ -162,7 +184,8 @@ def worst_case_groups(store: Store, rows: list[dict]) -> list[dict]:
 
 
 def table(data: dict, fmt: str = "table") -> str:
-    headers = ["classifier", "defense", "attack", "n", "clean %", "robust %", "robust worst-of-N", "robust majority", "checks"]
+    headers = ["classifier", "defense", "attack", "n", "clean %", "robust %", "robust worst-of-N", "robust majority",
+               "attack's verdict %", "published std / robust %", "checks"]
     body = []
     for r in data["rows"]:
         failed = [c["name"] for c in r["checks"] if c["status"] == "fail"]
@@ -172,19 +195,21 @@ def table(data: dict, fmt: str = "table") -> str:
             flag = r["status"].upper()
         else:
             flag = ", ".join(f"! {f}" for f in failed) or ("ok" if r["checks"] else "no checks")
+        paper = r.get("paper")
         body.append([r["classifier"], r["defense"], r["attack"], f"{r['n']}/{r['n_expected']}", _fmt(r["clean"]),
                      _fmt(r["robust"]), _fmt(r["robust"], False) if r["robust"] is None else f"{r['robust'].worst:.2f}",
-                     "-" if r["robust"] is None else f"{r['robust'].majority:.2f}", flag])
+                     "-" if r["robust"] is None else f"{r['robust'].majority:.2f}", verdict_text(r.get("attack_verdict")),
+                     "" if paper is None else f"{published(paper, 'standard') or '-'} / {published(paper, 'robust') or '-'}",
+                     flag])
     for g in data["groups"]:
         body.append([g["classifier"], g["defense"], f"worst of {g['attacks']} attacks", g["robust"].n, _fmt(g["clean"]),
-                     _fmt(g["robust"]), f"{g['robust'].worst:.2f}", f"{g['robust'].majority:.2f}", ""])
+                     _fmt(g["robust"]), f"{g['robust'].worst:.2f}", f"{g['robust'].majority:.2f}", "", "", ""])
     for g in data.get("split", []):
         body.append([g["classifier"], g["defense"], "none (whole split)", f"{g['n']}/{g['n_expected']}", _fmt(g["clean"]),
-                     "", "", "", "FAILED: " + g["failures"][0] if g["failures"] else ("" if g["complete"] else g["status"])])
+                     "", "", "", "", "", "FAILED: " + g["failures"][0] if g["failures"] else ("" if g["complete"] else g["status"])])
     for ref in data["references"]:
-        body.append([ref.get("classifier") or "", ref["defense"], f"{ref['attack']} (reference)", "",
-                     "" if ref.get("standard") is None else f"{ref['standard']:.2f}",
-                     "" if ref.get("robust") is None else f"{ref['robust']:.2f}", "", "", ref["source"]])
+        body.append([*reference_name(ref), "", published(ref, "standard"), published(ref, "robust"), "", "", "", "",
+                     ref["source"]])
     if fmt == "json":
         return json.dumps(as_json(data), indent=2)
     if fmt == "csv":
@@ -214,6 +239,7 @@ def environment() -> jinja2.Environment:
     env = jinja2.Environment(loader=jinja2.FileSystemLoader(str(TEMPLATES)),
                              autoescape=jinja2.select_autoescape(["html", "xml"]), undefined=jinja2.StrictUndefined)
     env.filters["acc"] = _fmt
+    env.globals.update(published=published, reference_name=reference_name, verdict_text=verdict_text)
     env.filters["chart"] = lambda c: markupsafe.Markup(plots.line_chart(
         c["series"], title=c["title"], x_label=c["x_label"], y_label="accuracy (%)", y_range=(0, 100)))
     env.filters["png_uri"] = lambda b: "data:image/png;base64," + base64.b64encode(b).decode()

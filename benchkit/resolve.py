@@ -26,7 +26,7 @@ from benchkit.threat import ThreatModel
 
 # The version of the way numbers are made (seeding, verification). It keys every stored cell, so
 # results made under another protocol are recomputed, never silently reused.
-PROTOCOL = 2
+PROTOCOL = 3
 
 
 @dataclass(frozen=True)
@@ -73,7 +73,7 @@ class Cell:
 def numbers_config(spec: EvalSpec) -> dict:
     """The eval settings that change a cell's numbers. Batch and shard sizes do not: every draw is
     seeded per image."""
-    return {"repeats": spec.repeats}
+    return {"repeats": spec.repeats, "verdict": spec.verdict.model_dump()}
 
 
 @dataclass
@@ -171,6 +171,23 @@ class ResolvedSuite:
         return comp.entry.build(params), comp.entry.threat(params)
 
 
+DEVICE_TYPES = ("cpu", "cuda", "mps")
+
+
+def device_problem(name: str | None) -> str | None:
+    """Why eval.device cannot name a device benchkit runs on, or None. Whether this machine has
+    it is decided at run time (validate may run elsewhere)."""
+    if name is None or name == "auto":
+        return None
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError, TypeError):
+        device = None
+    if device is None or device.type not in DEVICE_TYPES:
+        return f"'{name}' is not a device benchkit runs on (auto, cpu, cuda, cuda:N, mps)"
+    return None
+
+
 def resolve(suite: Suite, path: str | Path) -> ResolvedSuite:
     """Every plugin id, params model, budget mapping and cross-reference checked; BadInput with
     every problem at once."""
@@ -187,6 +204,8 @@ def resolve(suite: Suite, path: str | Path) -> ResolvedSuite:
             problems.extend(exc.problems)
         return None
 
+    if (why := device_problem(suite.eval.device)) is not None:
+        problems.append(f"{path}: eval.device: {why}")
     dataset = component("datasets", "dataset", suite.dataset)
     split = None
     if suite.eval.clean_on == "split" and dataset is not None:
@@ -220,6 +239,8 @@ def resolve(suite: Suite, path: str | Path) -> ResolvedSuite:
             if val not in ids[kind]:
                 problems.append(f"{path}: cells[{i}].{kind[:-1]}: unknown id '{val}' (defined: {', '.join(sorted(ids[kind]))})")
     for i, ref in enumerate(suite.references):
+        if ref.defense is None or ref.attack is None:
+            continue   # a labelled reference row matches no cell: its classifier is display text
         for kind, val in (("defenses", ref.defense), ("attacks", ref.attack), ("classifiers", ref.classifier)):
             if val is not None and val not in ids[kind]:
                 problems.append(f"{path}: references[{i}].{kind[:-1]}: unknown id '{val}'")

@@ -98,6 +98,9 @@ MIGRATIONS: list[tuple[str, str]] = [
     ALTER TABLE examples_new RENAME TO examples;
     """),
     ("0005_move_split_groups", "python:_move_split_groups"),
+    # The attack's own verdict per example (1 robust, 0 broken, NULL: the attack gives none), e.g.
+    # AutoAttack's robust flags: what a paper reports, kept beside the host's re-evaluation.
+    ("0006_attack_verdict", "ALTER TABLE examples ADD COLUMN attack_verdict INTEGER"),
 ]
 
 
@@ -190,7 +193,7 @@ class Store:
 
     def commit_shard(self, cell_id: int, run_id: int, rows: Iterable[tuple], seconds: float, stats: dict,
                      samples: Iterable[tuple] = ()) -> None:
-        """rows: (image_index, variant, label, clean_flags, adv_flags, distance);
+        """rows: (image_index, variant, label, clean_flags, adv_flags, distance, attack_verdict);
         samples: (image_index, frame, label, png bytes). All or nothing."""
         rows = list(rows)
         with self.transaction():
@@ -199,8 +202,8 @@ class Store:
             self.db.executemany("INSERT INTO samples (cell_id, image_index, frame, kind, png) VALUES (?,?,?,?,?)",
                                 [(cell_id, *s) for s in samples])
             self.db.executemany(
-                "INSERT INTO examples (cell_id, image_index, variant, label, clean_flags, adv_flags, distance)"
-                " VALUES (?,?,?,?,?,?,?)", [(cell_id, *r) for r in rows])
+                "INSERT INTO examples (cell_id, image_index, variant, label, clean_flags, adv_flags, distance,"
+                " attack_verdict) VALUES (?,?,?,?,?,?,?,?)", [(cell_id, *r) for r in rows])
             self.db.execute(
                 "INSERT INTO shards (cell_id, shard, run_id, first_index, n, seconds, stats_json, committed)"
                 " VALUES (?,?,?,?,?,?,?,?)",

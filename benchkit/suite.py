@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from benchkit.errors import BadInput
 
@@ -67,10 +67,29 @@ class CellSpec(_Strict):
     attack: str
 
 
+class VerdictSpec(_Strict):
+    """How one verdict on an example is reached: one purification (single), or `samples`
+    purifications whose logits are averaged (mean-logits, the paper's BPDA protocol) or whose
+    predicted labels vote (majority: correct only if the true label has strictly the most votes)."""
+    aggregate: Literal["single", "mean-logits", "majority"] = "single"
+    samples: int = Field(1, ge=1, description="purifications per verdict (1 for single)")
+
+    @model_validator(mode="after")
+    def _single_is_one(self) -> "VerdictSpec":
+        if self.aggregate == "single" and self.samples != 1:
+            raise ValueError(f"aggregate 'single' takes one purification per verdict, not samples={self.samples}: "
+                             "use mean-logits or majority")
+        if self.aggregate != "single" and self.samples < 2:
+            raise ValueError(f"aggregate '{self.aggregate}' needs samples >= 2")
+        return self
+
+
 class EvalSpec(_Strict):
     batch_size: int = Field(64, ge=1)
     shard_size: int | None = Field(None, ge=1, description="images per committed shard (default batch_size)")
-    repeats: int = Field(3, ge=1, description="re-evaluations of each final example with fresh randomness")
+    repeats: int = Field(3, ge=1, description="independent verdicts on each final example, fresh randomness each")
+    verdict: VerdictSpec = Field(default_factory=VerdictSpec,
+                                 description="how each of the `repeats` verdicts aggregates purifications")
     device: str | None = None
     clean_on: Literal["subset", "split"] = Field(
         "subset", description="standard accuracy on the attacked images only, or also on the dataset's whole "
@@ -78,12 +97,34 @@ class EvalSpec(_Strict):
 
 
 class ReferenceSpec(_Strict):
-    defense: str
-    attack: str
+    """A published number shown beside the suite's own. With defense and attack (and classifier,
+    unless any classifier will do) it is compared with that cell; otherwise it needs a `label` and
+    is shown as a row of its own (e.g. an adversarial-training baseline the suite does not run).
+    Accuracies in %, each ± only beside its mean; `source` names the publication, table and row."""
     classifier: str | None = None
-    standard: float | None = None
-    robust: float | None = None
-    source: str
+    defense: str | None = None
+    attack: str | None = None
+    label: str | None = Field(None, description="display name of a reference that matches no cell")
+    standard: float | None = Field(None, ge=0, le=100)
+    standard_std: float | None = Field(None, ge=0, le=100)
+    robust: float | None = Field(None, ge=0, le=100)
+    robust_std: float | None = Field(None, ge=0, le=100)
+    source: str = Field(min_length=1, description="publication, table and row, e.g. \"Nie et al. 2022, Table 1, "
+                                                  "row 'WideResNet-28-10 / (Gowal et al., 2020)'\"")
+
+    @model_validator(mode="after")
+    def _placed_and_paired(self) -> "ReferenceSpec":
+        if self.label is None and (self.defense is None or self.attack is None):
+            raise ValueError("a reference needs a defense and an attack (to compare with that cell) or a label "
+                             "(shown as a row of its own)")
+        if self.label is not None and not self.label.strip():
+            raise ValueError("label cannot be empty")
+        for what in ("standard", "robust"):
+            if getattr(self, f"{what}_std") is not None and getattr(self, what) is None:
+                raise ValueError(f"{what}_std without {what}: a ± needs its mean")
+        if not self.source.strip():
+            raise ValueError("source cannot be blank: name the publication, table and row")
+        return self
 
 
 class ChecksSpec(_Strict):

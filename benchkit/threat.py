@@ -88,7 +88,7 @@ class StAdvFlow(ThreatModel):
 
     def distance(self, x, x_adv, extra=None):
         if not extra or "flow" not in extra:
-            return torch.full((x.shape[0],), float("inf"))
+            return torch.full((x.shape[0],), float("inf"), device=x.device)
         return extra["flow"].flatten(1).abs().amax(1)
 
     def project(self, x, x_adv):  # pragma: no cover - flows are projected by the attack itself

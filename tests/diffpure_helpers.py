@@ -28,6 +28,30 @@ class GaussianScore(ScoreModel):
         return (1 - a).sqrt() * (x - a.sqrt() * self.mu0) / (a * s2 + 1 - a)
 
 
+class DiscreteGaussianScore(ScoreModel):
+    """The same Gaussian data on the discrete 1000-step chain: at step index i, x ~ N(sqrt(abar_i) mu0,
+    abar_i sigma0^2 + 1 - abar_i), so the exact eps is sqrt(1 - abar_i)(x - sqrt(abar_i) mu0)/V_i, with
+    abar the (float64) cumulative product of SDEdit's betas. Float times t map to step floor(1000 t)."""
+
+    discrete_time = True
+
+    def __init__(self, mu0: float = 0.0, sigma2: float | Tensor = 1.0):
+        super().__init__()
+        self.mu0 = float(mu0)
+        self.register_buffer("sigma2", torch.as_tensor(sigma2, dtype=torch.float64).reshape(-1))
+        betas = torch.linspace(1e-4, 0.02, sde.DISCRETE_STEPS, dtype=torch.float64)
+        self.register_buffer("abar", torch.cumprod(1 - betas, 0))
+        self.calls: list[list[int]] = []
+
+    def eps_index(self, x: Tensor, index: Tensor) -> Tensor:
+        self.calls.append(index.tolist())
+        a = _col(self.abar[index], x)
+        return (1 - a).sqrt() * (x - a.sqrt() * self.mu0) / (a * _col(self.sigma2, x) + 1 - a)
+
+    def eps(self, x: Tensor, t: Tensor) -> Tensor:
+        return self.eps_index(x, torch.floor(t.float() * sde.DISCRETE_STEPS).long())
+
+
 def eq31_gradient(t_star: float, sigma2: Tensor) -> Tensor:
     """Appendix B.5, Eq. 31: d x(0)/d x(t*) = sqrt(a) sigma0^2 / (1 - a + sigma0^2 a), a = alpha(t*)."""
     a = sde.alpha(torch.tensor(t_star, dtype=torch.float64))

@@ -56,14 +56,19 @@ def write_imagenet(root: Path, params: dict, whole_split: bool) -> None:
     images for the rest of RobustBench's 5,000 (the plugin checks every file it lists)."""
     from PIL import Image
 
-    from benchkit_data.imagenet import selected
+    from benchkit_data.imagenet import authors_selected, selected
 
-    chosen = selected(params.get("n"), params.get("subset_seed"))
-    for i, (rel, _) in enumerate(chosen):
+    authors = bool(params.get("authors_subset"))
+    chosen = selected(params.get("n"), None if authors else params.get("subset_seed"))
+
+    def write(i: int, rel: str) -> None:
         path = root / "val" / rel
         path.parent.mkdir(parents=True, exist_ok=True)
         img = np.random.RandomState(i).randint(0, 256, (240 + 16 * i, 256, 3), dtype=np.uint8)
         Image.fromarray(img).save(path, quality=90)
+
+    for i, (rel, _) in enumerate(chosen):
+        write(i, rel)
     if whole_split:
         tiny = Image.fromarray(np.full((8, 8, 3), 128, dtype=np.uint8))
         for rel, _ in selected(None, None):
@@ -71,6 +76,9 @@ def write_imagenet(root: Path, params: dict, whole_split: bool) -> None:
             if not path.exists():
                 path.parent.mkdir(parents=True, exist_ok=True)
                 tiny.save(path)
+    if authors:   # the authors draw over the whole folder: their images must be full size
+        for i, (rel, _) in enumerate(authors_selected(root / "val", params["n"], params["authors_batch"], True)):
+            write(i, rel)
 
 
 def write_celebahq(root: Path, params: dict) -> None:
@@ -102,6 +110,10 @@ def patch_dataset(ds: dict, root: Path, whole_split: bool = False) -> None:
     params["root"] = str(root)
     params["n"] = N_DATA
     plugin = ds["plugin"]
+    if params.get("authors_subset"):   # the authors' draws, N_DATA of them from data seed 0
+        params["authors_batch"] = N_DATA
+        if plugin == "imagenet":
+            params["allow_partial"] = True
     if plugin == "cifar10":
         write_cifar10(root)
     elif plugin == "imagenet":

@@ -40,7 +40,7 @@ def test_ddpmpp_from_score_sde_checkpoint(tmp_path, plugin_manager):
         {"path": str(tmp_path / "checkpoint_8.pth"), "config": small_config("ncsnpp_cifar10")})
     with torch.no_grad():
         check_close(score.eps(io["x"], io["t"]), io["output"])
-    assert not score.discrete_forward
+    assert not score.discrete_time
 
 
 @pytest.mark.parametrize("plugin, name", [("adm", "guided_unet_imagenet256"), ("ddpm", "ddpm_unet_celebahq")])
@@ -52,7 +52,8 @@ def test_discrete_models_take_floor_of_t_times_1000(plugin, name, plugin_manager
     t = io["timesteps"].double() / 1000 + 0.0004  # any t in [k/1000, (k+1)/1000) is step k
     with torch.no_grad():
         check_close(score.eps(io["x"], t.float()), io["output"][:, :3])
-    assert score.discrete_forward
+        check_close(score.eps_index(io["x"], io["timesteps"]), io["output"][:, :3])  # what the solvers call
+    assert score.discrete_time
 
 
 @pytest.mark.parametrize("plugin, relpath", [("ddpmpp", "diffpure/score_sde/checkpoint_8.pth"),
@@ -72,11 +73,19 @@ def test_diffpure_params_are_validated(plugin_manager):
         entry.validate({"score_model": "digits-unte"}, "d")
     with pytest.raises(BadInput, match="need 0 <= t_delta < t_star"):
         entry.validate({"score_model": "digits-unet", "t_star": 0.1, "t_delta": 0.2}, "d")
-    with pytest.raises(BadInput, match="sampler: Input should be 'vp-sde', 'vp-ode' or 'ld-sde'"):
-        entry.validate({"score_model": "digits-unet", "sampler": "ddim"}, "d")
+    with pytest.raises(BadInput, match="sampler: Input should be 'vp-sde', 'vp-ode', 'ld-sde', 'ddpm' or 'ddim'"):
+        entry.validate({"score_model": "digits-unet", "sampler": "euler"}, "d")
+    with pytest.raises(BadInput, match="per-call offsets the forward noise, which ld-sde does not have"):
+        entry.validate({"score_model": "digits-unet", "sampler": "ld-sde", "t_delta": 0.01, "t_delta_mode": "per-call"}, "d")
+    with pytest.raises(BadInput, match="whole steps of 0.001"):
+        entry.validate({"score_model": "digits-unet", "t_delta": 0.0155, "t_delta_mode": "per-call"}, "d")
+    with pytest.raises(BadInput, match="precision: Input should be 'fp32', 'fp16' or 'bf16'"):
+        registry.get("score-models").get("adm").validate({"precision": "fp8"}, "score_params")
+    p = entry.validate({"score_model": "digits-unet"}, "d")
+    assert (p.sampler, p.ddim_eta, p.forward, p.clamp, p.t_delta_mode) == ("vp-sde", 0.0, "continuous", False, "per-image")
 
 
-def test_resized_purifies_at_model_resolution_and_returns_input_size():
+def test_resized_purifies_at_model_resolution_and_returns_input_size(one_thread):
     from benchkit.noise import PerExampleNoise
     from benchkit_diffpure.plugin import Resized
     from benchkit_diffpure.purifier import DiffPure
@@ -88,19 +97,31 @@ def test_resized_purifies_at_model_resolution_and_returns_input_size():
             seen.append(tuple(x.shape[-2:]))
             return super().eps(x, t)
 
+    x = torch.rand(2, 3, 12, 12, generator=torch.Generator().manual_seed(0))
+    x[:, :, :3], x[:, :, -3:] = 1.0, 0.0  # saturated rows: noise pushes them out of [0, 1]
     p = Resized(DiffPure(Spy(), t_star=0.01), 16)
-    out = p.purify(torch.rand(2, 3, 12, 12), gradient="none", noise=PerExampleNoise([1, 2]))
+    out = p.purify(x, gradient="none", noise=PerExampleNoise([1, 2]))
     assert out.shape == (2, 3, 12, 12) and set(seen) == {(16, 16)}
-    assert 0 <= float(out.min()) and float(out.max()) <= 1
+    assert float(out.min()) < 0 or float(out.max()) > 1  # not clamped: the authors' ImageNet path
+    clamped = Resized(DiffPure(Spy(), t_star=0.01), 16, clamp=True)
+    assert torch.equal(clamped.purify(x, gradient="none", noise=PerExampleNoise([1, 2])), out.clamp(0, 1))
+    cos = p.gradient_agreement(x)  # the gradient-correctness check sees through the resize
+    assert cos["exact"] == pytest.approx(1.0, abs=1e-5) and "adjoint" in cos
 
 
-def test_gradient_agreement_reports_cosines():
+def test_gradient_agreement_reports_cosines(one_thread):
     from benchkit_diffpure.purifier import DiffPure
 
-    cos = DiffPure(TinyConvScore(), t_star=0.05).gradient_agreement(torch.rand(2, 3, 8, 8))
-    assert set(cos) == {"exact", "adjoint"}
-    assert cos["exact"] == pytest.approx(1.0, abs=1e-5)   # same computation, checkpointed
+    pur, x = DiffPure(TinyConvScore(), t_star=0.05), torch.rand(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    cos = pur.gradient_agreement(x)
+    print(dict(cos), cos.reference)
+    assert set(cos) == {"exact", "adjoint"} and cos.images == 2
+    assert cos.reference == "exact vs central finite differences along 8 random directions per image, adjoint vs the exact gradient"
+    assert cos["exact"] == pytest.approx(1.0, abs=1e-5)   # the true gradient, to float32 round-off
     assert 0.9 < cos["adjoint"] <= 1.0 + 1e-6              # a different discretisation of the backward
+    full = pur.gradient_agreement(x, reference="autograd")  # the same numbers against the unrolled solver
+    assert full.reference == "autograd through the unrolled solver"
+    assert full["exact"] == pytest.approx(1.0, abs=1e-6) and full["adjoint"] == pytest.approx(cos["adjoint"], abs=1e-6)
 
 
 def test_run_checks_assets_first_and_assets_prints_checklist(tmp_path, monkeypatch, plugin_manager, capsys):

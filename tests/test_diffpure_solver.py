@@ -11,7 +11,7 @@ from benchkit.noise import Noise, PerExampleNoise
 from benchkit_diffpure import sde
 from benchkit_diffpure.purifier import DiffPure
 from benchkit_diffpure.solver import T_EPS, integrate
-from diffpure_helpers import GaussianScore, TinyConvScore, eq31_gradient
+from diffpure_helpers import DiscreteGaussianScore, GaussianScore, TinyConvScore, eq31_gradient
 
 SIGMA2 = [0.01, 0.05, 0.1, 0.5, 1.0]
 
@@ -85,11 +85,14 @@ def test_reverse_sde_recovers_gaussian():
 
 
 # (3) Checkpointed backprop is plain autograd through the unrolled loop, with per-image t*.
-@pytest.mark.parametrize("sampler", ["vp-sde", "vp-ode", "ld-sde"])
+@pytest.mark.parametrize("sampler", ["vp-sde", "vp-ode", "ld-sde", "ddpm", "ddim"])
 def test_exact_equals_unrolled_autograd(sampler):
     model = TinyConvScore()  # parameters left trainable: the solver must still give them no gradient
     x = torch.randn(3, 3, 8, 8, generator=torch.Generator().manual_seed(2))
-    t_star = torch.tensor([0.08, 0.1, 0.12])
+    t_star = torch.tensor([0.008, 0.01, 0.012])
+    if sampler in ("ddpm", "ddim"):  # no adjoint for a discrete chain (tests/test_diffpure_samplers.py)
+        return _exact_equals_autograd_discrete(model, x, t_star, sampler)
+    t_star = t_star * 10
     res = {}
     for mode in ("exact", "autograd", "adjoint"):
         xx = x.clone().requires_grad_(True)
@@ -114,6 +117,20 @@ def test_exact_equals_unrolled_autograd(sampler):
         assert rel < 0.05  # without the x_a adjoint parameter it is ~0.4
 
 
+def _exact_equals_autograd_discrete(model, x, t_star, sampler):
+    res = {}
+    for mode in ("exact", "autograd"):
+        xx = x.clone().requires_grad_(True)
+        out = integrate(model, xx, t_star, sampler=sampler, n_steps=12, gradient=mode, ddim_eta=0.5,
+                        noise=PerExampleNoise([1, 2, 3]))
+        (g,) = torch.autograd.grad((out ** 2).sum(), xx)
+        assert all(p.grad is None for p in model.parameters())
+        res[mode] = out.detach(), g
+    diff = (res["exact"][1] - res["autograd"][1]).abs().max().item()
+    print(sampler, "exact vs autograd max |grad diff|", diff)
+    assert torch.equal(res["exact"][0], res["autograd"][0]) and diff <= 1e-6
+
+
 # (4) Probability-flow ODE: deterministic, and running it forward on the same grid returns to x(t*).
 def test_vp_ode_deterministic_and_invertible():
     model = GaussianScore(0.1, torch.tensor([0.05, 0.5])).double().requires_grad_(False)
@@ -135,22 +152,27 @@ def test_vp_ode_deterministic_and_invertible():
 
 
 def _purifier(sampler: str, model=None, **kw) -> DiffPure:
-    return DiffPure(model or GaussianScore(0.0, 0.25), sampler=sampler, t_star=0.1, t_delta=0.02, dt=1e-2, **kw)
+    if model is None and sampler in ("ddpm", "ddim"):
+        model = DiscreteGaussianScore(0.0, 0.25)
+    return DiffPure(model or GaussianScore(0.0, 0.25), sampler=sampler, t_star=0.1, t_delta=0.02, dt=1e-2,
+                    ddim_eta=0.5, **kw)
 
 
-# (5) End to end: range, shape, per-image noise, gradient modes, frozen parameters.
-@pytest.mark.parametrize("sampler", ["vp-sde", "vp-ode", "ld-sde"])
+# (5) End to end: shape, per-image noise, gradient modes, frozen parameters; clamp only on request.
+@pytest.mark.parametrize("sampler", ["vp-sde", "vp-ode", "ld-sde", "ddpm", "ddim"])
 def test_purifier_end_to_end(sampler):
     pur = _purifier(sampler)
     x = torch.rand(3, 3, 8, 8, generator=torch.Generator().manual_seed(4))
     seeds = [11, 12, 13]
     for gradient in ("none", "exact"):
         out = pur.purify(x, gradient=gradient, noise=PerExampleNoise(seeds)).detach()
-        assert out.shape == x.shape and out.min() >= 0 and out.max() <= 1
+        assert out.shape == x.shape
         alone = pur.purify(x[1:2], gradient=gradient, noise=PerExampleNoise(seeds[1:2])).detach()
         assert torch.allclose(out[1:2], alone, atol=1e-6)  # image 1's draw ignores its batch mates
     assert not torch.allclose(out, pur.purify(x, gradient="none", noise=PerExampleNoise([1, 2, 3])))
-    for gradient in ("exact", "adjoint", "bpda"):
+    clamped = _purifier(sampler, clamp=True).purify(x, gradient="none", noise=PerExampleNoise(seeds))
+    assert torch.equal(clamped, out.clamp(0, 1)) and (out.min() < 0 or out.max() > 1)
+    for gradient in (m for m in pur.gradient_modes if m != "none"):
         xx = x.clone().requires_grad_(True)
         pur.purify(xx, gradient=gradient, noise=PerExampleNoise(seeds)).square().sum().backward()
         assert torch.isfinite(xx.grad).all() and xx.grad.abs().sum() > 0, gradient
@@ -161,7 +183,7 @@ def test_purifier_end_to_end(sampler):
 
 def test_purifier_discrete_forward_trajectory_and_defended_model():
     class Discrete(GaussianScore):
-        discrete_forward = True
+        discrete_time = True
 
     pur = _purifier("vp-sde", Discrete(0.0, 0.25))
     x = torch.rand(2, 3, 8, 8, generator=torch.Generator().manual_seed(5))
@@ -169,7 +191,8 @@ def test_purifier_discrete_forward_trajectory_and_defended_model():
     assert labels == ["input", "diffused (t*)", "step 2/4", "step 4/4", "purified"] or len(labels) == 5
     assert frames.shape == (5, *x.shape) and frames.min() >= 0 and frames.max() <= 1
     assert torch.equal(frames[0], x)
-    assert torch.allclose(frames[-1], pur.purify(x, gradient="none", noise=PerExampleNoise([7, 8])))
+    out = pur.purify(x, gradient="none", noise=PerExampleNoise([7, 8]))
+    assert torch.allclose(frames[-1], out.clamp(0, 1))  # frames are clamped for display, outputs are not
     clf = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(192, 4))
     model = DefendedModel(clf, pur, gradient="exact")
     loss, grad = model.loss_and_grad(torch.nn.CrossEntropyLoss(reduction="none"), x, torch.tensor([0, 1]), n=2)

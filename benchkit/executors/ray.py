@@ -68,6 +68,18 @@ def connect(device: torch.device):
     return ray
 
 
+def cluster_device(flag: str | None, suite_device: str | None) -> torch.device:
+    """The device tasks run on: --device if given, else the suite's eval.device, else auto (cuda
+    when the cluster has a GPU, else cpu; the driver's own hardware does not matter). Each task
+    is given one GPU, which Ray makes its only visible one, so a CUDA index is dropped: 'cuda:1'
+    would not exist on the worker."""
+    name = flag or suite_device or "auto"
+    if name == "auto":
+        return torch.device("cuda" if connect(torch.device("cpu")).cluster_resources().get("GPU", 0) >= 1 else "cpu")
+    device = torch.device(name)
+    return torch.device("cuda") if device.type == "cuda" else device
+
+
 def _one_line(exc: BaseException) -> str:
     cause = getattr(exc, "cause", None) or exc
     text = " ".join(str(cause).split())

@@ -43,7 +43,9 @@ class Square(Attack):
 
         # pyautoattack reseeds the global RNG with its own seed: draw that seed from the host-seeded
         # stream and fork the RNG so the host's stream continues as if untouched.
-        seed = int(torch.randint(0, 2**31 - 1, (1,)))
+        # On the CPU, named: the host seeded the CPU generator, and the draw must not follow a default
+        # device set elsewhere (torch.set_default_device).
+        seed = int(torch.randint(0, 2**31 - 1, (1,), device="cpu"))
         attack = SquareAttack(predict, norm=p.norm, n_queries=p.n_queries, eps=p.eps, p_init=p.p_init,
                               n_restarts=p.restarts, seed=seed, loss=p.loss, device=x.device)
         devices = [x.device] if x.device.type == "cuda" else []

@@ -1,5 +1,7 @@
 """Transfer attack: craft examples on the undefended classifier (AttackContext.undefended) with any
-attack of this plugin, then let the host evaluate them on the defended model."""
+registered attack (this plugin's, AutoAttack, ...), then let the host evaluate them on the defended
+model. A source with variants (AutoAttack's versions) gives a transfer variant per source variant,
+so the host takes the per-image worst case over them as it does for the source itself."""
 from __future__ import annotations
 
 import copy
@@ -11,6 +13,7 @@ from torch import Tensor
 
 from benchkit.attack import Attack, AttackContext, AttackResult
 from benchkit.defended import DefendedModel
+from benchkit.errors import BadInput
 
 from benchkit.params import Params
 
@@ -21,9 +24,18 @@ def _error(message: str) -> PydanticCustomError:
 
 
 def _attacks() -> dict:
+    """Source attacks by id: every attack of the host's registry (all loaded plugins), over this
+    plugin's own table (which serves alone where no host registry can be built)."""
     from benchkit_attacks.plugin import ATTACKS  # the table lists transfer itself: import late
 
-    return ATTACKS
+    table: dict = dict(ATTACKS)
+    try:
+        from benchkit import registry
+
+        table.update({e.id: e for e in registry.get("attacks")})
+    except BadInput:
+        pass
+    return table
 
 
 class SourceSpec(Params):
@@ -66,6 +78,12 @@ class Transfer(Attack):
     def __init__(self, source: Attack):
         self.source = source
 
+    def variants(self) -> list[tuple[str, Attack]]:
+        subs = self.source.variants()
+        if len(subs) == 1 and subs[0][1] is self.source:
+            return [(subs[0][0], self)]
+        return [(name, Transfer(sub)) for name, sub in subs]
+
     def run(self, model: DefendedModel, x: Tensor, y: Tensor, ctx: AttackContext) -> AttackResult:
         if ctx.undefended is None:
             raise ValueError("the transfer attack needs AttackContext.undefended (the bare classifier)")
@@ -74,6 +92,7 @@ class Transfer(Attack):
         source = copy.copy(self.source)
         source.gradient = None
         result = source.run(surrogate, x, y, ctx)
+        # The source's own verdict (if any) was on the surrogate, not on this defense: not passed on.
         return AttackResult(result.x_adv, extra=result.extra,
                             stats={f"source_{k}": v for k, v in result.stats.items()})
 

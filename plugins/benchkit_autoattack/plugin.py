@@ -1,8 +1,9 @@
 """AutoAttack standard and rand as one benchkit attack whose variants are its versions.
 
 The host takes the per-image worst case over the listed versions (the paper only took the
-minimum of the two accuracies) and re-classifies every returned example itself: AutoAttack's own
-one-shot verdict on a randomised defense is never the result.
+minimum of the two accuracies) and re-classifies every returned example itself. AutoAttack's own
+verdict (its robust flags during the run: one draw of a randomised defense per check) is returned
+as the attack's verdict: the number the paper reports, stored beside the host's, never the result.
 """
 from __future__ import annotations
 
@@ -53,8 +54,10 @@ class AutoAttackVersion(Attack):
             for apgd in (adversary.apgd, adversary.apgd_targeted):
                 _set_apgd_iterations(apgd, self.n_iter)
             adversary.fab.n_iter = self.n_iter
-        x_adv, _ = adversary.run_standard_evaluation(x, y, batch_size=ctx.batch_size)
-        return AttackResult(x_adv.detach())
+        x_adv, y_adv = adversary.run_standard_evaluation(x, y, batch_size=ctx.batch_size)
+        # y_adv holds, per image, the label AutoAttack last saw: the true one exactly when it still
+        # counted the image robust (its robust_flags are not returned).
+        return AttackResult(x_adv.detach(), verdict=(y_adv.to(y.device) == y))
 
 
 class AutoAttackSuite(Attack):

@@ -162,6 +162,16 @@ def index(root: Path, layout: str, attribute: str, allow_partial: bool = False) 
     return out
 
 
+# DiffPure (utils.load_data, domain celebahq) builds CelebAHQDataset('val', attribute, fraction=2,
+# data_seed=s): RandomState(s).choice(partition_idx, int(0.02 * len(partition_idx)), replace=False),
+# partition_idx the val rows in the order above, and evaluates the DataLoader's first batch of
+# adv_batch_size * ngpus = 2 * 4 = 8 images (run_scripts/celebahq: --adv_batch_size 2 on
+# CUDA_VISIBLE_DEVICES=0,1,2,3). choice without replacement is permutation(N)[:k], so those 8 are
+# the val rows at RandomState(s).choice(len(val), 8, replace=False): the rule every authors_subset
+# dataset follows. It holds while int(0.02 * len(val)) >= 8 (CelebA-HQ's val partition has a few
+# thousand images); the README's 64 data seeds x 8 = 512 images.
+
+
 class CelebAHQ(Dataset):
     """Selected images, decoded and resized to 256x256 on access."""
 
@@ -189,13 +199,15 @@ class CelebAHQ(Dataset):
 
 
 def load(root: Path, layout: str, split: str, attribute: str, n: int | None, subset_seed: int | None,
-         allow_partial: bool = False) -> CelebAHQ:
+         allow_partial: bool = False, authors_batch: int | None = None) -> CelebAHQ:
+    """The split's images in DiffPure's order: all, the first n, n drawn with subset_seed, or
+    (authors_batch) DiffPure's own draws over the split's positions (see the comment above CelebAHQ)."""
     from benchkit_data.images import missing_lines, require_pillow, subset
 
     rows = [r for r in index(root, layout, attribute, allow_partial) if r[2] == SPLITS[split]]
     if not rows:
         raise BadInput(f"{root}: no images in the {split} partition")
-    chosen = [rows[i] for i in subset(len(rows), n, subset_seed)]
+    chosen = [rows[i] for i in subset(len(rows), n, subset_seed, authors_batch)]
     missing = missing_lines([p for p, _, _ in chosen], SOURCES["CelebA-HQ-img" if layout != "diffpure" else "images"])
     if missing:
         raise MissingAsset(missing)

@@ -44,9 +44,12 @@ def files(root: Path, split: str) -> list[Path]:
     return [root / "cifar-10-batches-py" / n for n in names]
 
 
-def load(root: Path, split: str, n: int | None, subset_seed: int | None) -> TensorDataset:
-    """The split, optionally a fixed subset: the first n images, or n drawn with subset_seed
-    (the paper's protocol: a fixed random subset of the test set)."""
+def load(root: Path, split: str, n: int | None, subset_seed: int | None,
+         authors_batch: int | None = None) -> TensorDataset:
+    """The split, optionally a fixed subset: the first n images, n drawn with subset_seed, or
+    (authors_batch) DiffPure's own draws, n / authors_batch data seeds of authors_batch images each
+    over the split in the file's order (torchvision's CIFAR10(train=False) order, which the authors
+    index)."""
     for f in files(root, split):
         if not f.is_file():
             raise MissingAsset(f"missing file {f}: get it from {SOURCE}")
@@ -54,7 +57,11 @@ def load(root: Path, split: str, n: int | None, subset_seed: int | None) -> Tens
     x = np.concatenate([p[0] for p in parts])
     y = np.concatenate([p[1] for p in parts])
     idx = np.arange(len(y))
-    if n is not None and subset_seed is not None:
+    if n is not None and authors_batch is not None:
+        from benchkit_data.images import authors_indices
+
+        idx = authors_indices(len(y), n, authors_batch)
+    elif n is not None and subset_seed is not None:
         idx = np.sort(np.random.RandomState(subset_seed).permutation(len(y))[:n])
     elif n is not None:
         idx = idx[:n]

@@ -55,9 +55,28 @@ def load_image(path: Path, resize: int | None = None, crop: int | None = None) -
     return torch.from_numpy(arr.copy()).permute(2, 0, 1).float().div(255.0)
 
 
-def subset(count: int, n: int | None, subset_seed: int | None) -> np.ndarray:
-    """Positions 0..count-1 to use: all, the first n, or n drawn with subset_seed (sorted),
-    the same rule as the cifar10 dataset."""
+def authors_indices(count: int, n: int, batch: int) -> np.ndarray:
+    """DiffPure's fixed evaluation images (NVlabs/DiffPure, data/datasets.py and utils.load_data):
+    data seed s draws `numpy.random.RandomState(s).choice(count, batch, replace=False)`; seeds
+    0 .. n/batch - 1 are concatenated, so position i is the (i % batch)-th draw of seed i // batch.
+    Draws of different seeds may coincide: each is its own image row, as in the authors' runs
+    (they average per-seed results)."""
+    if n % batch:
+        raise BadInput(f"authors_subset: n = {n} is not a multiple of authors_batch = {batch}")
+    if batch > count:
+        raise BadInput(f"authors_subset: authors_batch = {batch} but the split has only {count} images")
+    # choice(count, batch, replace=False) is permutation(count)[:batch] in NumPy's legacy
+    # RandomState (frozen by its compatibility policy), the stream the authors drew from.
+    return np.concatenate([np.random.RandomState(s).choice(count, batch, replace=False)
+                           for s in range(n // batch)]).astype(np.int64)
+
+
+def subset(count: int, n: int | None, subset_seed: int | None, authors_batch: int | None = None) -> np.ndarray:
+    """Positions 0..count-1 to use: all, the first n, n drawn with subset_seed (sorted, the same
+    rule as the cifar10 dataset), or, with authors_batch, DiffPure's draws (`authors_indices`).
+    n None is always the whole split (what `eval.clean_on: split` builds)."""
+    if n is not None and authors_batch is not None:
+        return authors_indices(count, n, authors_batch)
     idx = np.arange(count)
     if n is not None and n > count:
         raise BadInput(f"n = {n} but only {count} images are available")

@@ -56,6 +56,9 @@ CELEBAHQ_CONFIG = {"data": {"image_size": 256, "channels": 3},
 class CheckpointParams(Params):
     path: str | None = Field(None, description="checkpoint file (default: the expected path under BENCHKIT_HOME)")
     config: dict[str, Any] | None = Field(None, description="architecture config overriding the published one")
+    precision: Literal["fp32", "fp16", "bf16"] = Field(
+        "fp32", description="network arithmetic (torch.autocast; eps returned in float32). The authors run "
+                            "ImageNet's ADM in fp16 (use_fp16), CIFAR-10 and CelebA-HQ in fp32")
 
 
 def ddpmpp(p: CheckpointParams):
@@ -65,7 +68,7 @@ def ddpmpp(p: CheckpointParams):
     path = DDPMPP_ASSET.require(p.path)
     net = NCSNpp.from_config(p.config or DDPMPP_CONFIG)
     load_score_sde_checkpoint(net, path)
-    return ContinuousTimeScore(net)
+    return ContinuousTimeScore(net, precision=p.precision)
 
 
 def adm(p: CheckpointParams):
@@ -75,7 +78,7 @@ def adm(p: CheckpointParams):
     path = ADM_ASSET.require(p.path)
     net = GuidedUNet.from_config(p.config or ADM_CONFIG)
     net.load_state_dict(load_state_dict(path))
-    return DiscreteTimeScore(net, eps_channels=3)
+    return DiscreteTimeScore(net, eps_channels=3, precision=p.precision)
 
 
 def ddpm(p: CheckpointParams):
@@ -90,7 +93,7 @@ def ddpm(p: CheckpointParams):
         state = state[0]
     state = {k.removeprefix("module."): v for k, v in state.items()}
     net.load_state_dict(state)
-    return DiscreteTimeScore(net, eps_channels=3)
+    return DiscreteTimeScore(net, eps_channels=3, precision=p.precision)
 
 
 def build_score_model(id: str, params: dict[str, Any]) -> ScoreModel:
@@ -111,10 +114,24 @@ def build_score_model(id: str, params: dict[str, Any]) -> ScoreModel:
 class DiffPureParams(Params):
     score_model: str = Field(description="id of a registered score model (benchkit ls score-models)")
     score_params: dict[str, Any] = Field(default_factory=dict)
-    sampler: Literal["vp-sde", "vp-ode", "ld-sde"] = "vp-sde"
+    sampler: Literal["vp-sde", "vp-ode", "ld-sde", "ddpm", "ddim"] = Field(
+        "vp-sde", description="reverse VP-SDE, probability-flow ODE, Langevin (paper Eq. 4, 28, 26), the DDPM "
+                              "ancestral chain (the authors' CelebA-HQ runner) or DDIM; see solver.py")
     t_star: float = Field(0.1, gt=0, le=1, description="diffusion time t*")
-    t_delta: float = Field(0.0, ge=0, description="randomised t* ~ U[t* - delta, t* + delta] (paper Table 13)")
-    dt: float = Field(1e-3, gt=0, le=0.1, description="solver step (t* = 0.1 -> 100 score evaluations)")
+    t_delta: float = Field(0.0, ge=0, description="randomised t* in [t* - delta, t* + delta] (paper Table 13)")
+    t_delta_mode: Literal["per-image", "per-call"] = Field(
+        "per-image", description="per-image: each image draws t* ~ U for its noise and its solve; per-call: the "
+                                 "authors' one integer step offset per call, forward noise only")
+    dt: float = Field(1e-3, gt=0, le=0.1, description="solver step (t* = 0.1 -> 100 score evaluations); ddpm / "
+                                                      "ddim take round(t*/dt) evenly spaced integer steps, "
+                                                      "dt = 1e-3 being the full chain")
+    ddim_eta: float = Field(0.0, ge=0, le=1, description="DDIM noise: 0 deterministic, 1 = ddpm's ancestral step")
+    forward: Literal["continuous", "discrete"] = Field(
+        "continuous", description="forward noising (Eq. 3) with the VP-SDE's alpha(t*) or, as the authors' code, "
+                                  "the discrete 1000-step alpha-bar (always discrete for discrete-time score "
+                                  "models and for ddpm / ddim)")
+    clamp: bool = Field(False, description="clamp the purified image to [0, 1] (the authors do not; a clamp "
+                                           "zeroes the gradient of saturated pixels)")
     ld_sigma2: float = Field(100.0, gt=0)
     ld_lambda: float = Field(0.1, gt=0)
     ld_eta: float = Field(1.0, ge=0)
@@ -134,21 +151,32 @@ class DiffPureParams(Params):
     def _window(self):
         if not self.t_delta < self.t_star or self.t_star + self.t_delta > 1:
             raise ValueError(f"need 0 <= t_delta < t_star and t_star + t_delta <= 1 (t_star={self.t_star}, t_delta={self.t_delta})")
+        if self.t_delta_mode == "per-call" and self.t_delta > 0:
+            if self.sampler == "ld-sde":
+                raise ValueError("t_delta_mode per-call offsets the forward noise, which ld-sde does not have")
+            if abs(self.t_delta * 1000 - round(self.t_delta * 1000)) > 1e-6:
+                raise ValueError(f"t_delta_mode per-call offsets whole steps of 0.001: t_delta={self.t_delta}")
         return self
 
 
 class Resized(Purifier):
-    """Purify at the score model's resolution: bilinear resize in, purify, resize back."""
+    """Purify at the score model's resolution: bilinear resize in, purify, resize back (as the authors'
+    ImageNet 224 -> 256 -> 224); clamped to [0, 1] only if clamp (the authors do not)."""
 
-    def __init__(self, inner: Purifier, size: int):
+    def __init__(self, inner: Purifier, size: int, clamp: bool = False):
         super().__init__()
-        self.inner, self.size = inner, size
+        self.inner, self.size, self.clamp = inner, size, clamp
         self.stochastic, self.gradient_modes = inner.stochastic, inner.gradient_modes
 
     def _purify(self, x, *, gradient: str, noise: Noise):
         resize = lambda im, s: torch.nn.functional.interpolate(im, size=(s, s), mode="bilinear", align_corners=False, antialias=False)
-        out = self.inner._purify(resize(x, self.size), gradient=gradient, noise=noise)
-        return resize(out, x.shape[-1]).clamp(0, 1)
+        out = resize(self.inner._purify(resize(x, self.size), gradient=gradient, noise=noise), x.shape[-1])
+        return out.clamp(0, 1) if self.clamp else out
+
+    def gradient_agreement(self, x, seed: int = 0, **kw):
+        from benchkit_diffpure.purifier import gradient_agreement
+
+        return gradient_agreement(self._purify, self.gradient_modes, x, seed, **kw)
 
 
 def diffpure(p: DiffPureParams) -> Purifier:
@@ -156,8 +184,9 @@ def diffpure(p: DiffPureParams) -> Purifier:
 
     score = build_score_model(p.score_model, p.score_params)
     purifier = DiffPure(score, sampler=p.sampler, t_star=p.t_star, t_delta=p.t_delta, dt=p.dt,
-                        ld_sigma2=p.ld_sigma2, ld_lambda=p.ld_lambda, ld_eta=p.ld_eta)
-    return Resized(purifier, p.image_size) if p.image_size else purifier
+                        ld_sigma2=p.ld_sigma2, ld_lambda=p.ld_lambda, ld_eta=p.ld_eta, ddim_eta=p.ddim_eta,
+                        forward=p.forward, clamp=p.clamp, t_delta_mode=p.t_delta_mode)
+    return Resized(purifier, p.image_size, clamp=p.clamp) if p.image_size else purifier
 
 
 def _needs(asset: Asset):
@@ -190,4 +219,5 @@ def register_component_kinds(register):
 @hookimpl
 def register_defenses(register):
     register("diffpure", diffpure, params=DiffPureParams, assets=diffpure_assets,
-             description="DiffPure (Nie et al. 2022): forward diffusion to t*, reverse VP-SDE / VP-ODE / LD-SDE")
+             description="DiffPure (Nie et al. 2022): forward diffusion to t*, reverse VP-SDE / VP-ODE / LD-SDE / "
+                         "DDPM / DDIM")

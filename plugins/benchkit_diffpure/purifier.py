@@ -1,6 +1,8 @@
 """DiffPure (Nie et al., ICML 2022): diffuse the input to t* (Eq. 3), integrate back to t = 0 (solver.py)."""
 from __future__ import annotations
 
+from typing import Callable, Literal
+
 import torch
 from torch import Tensor
 
@@ -8,64 +10,117 @@ from benchkit.defended import Purifier
 from benchkit.noise import GLOBAL_NOISE, Noise, PerExampleNoise, derive_seed
 from benchkit_diffpure import sde
 from benchkit_diffpure.score import ScoreModel
-from benchkit_diffpure.solver import SAMPLERS, integrate
+from benchkit_diffpure.solver import DISCRETE_SAMPLERS, SAMPLERS, integrate
 
 
 class DiffPure(Purifier):
-    """x in [0, 1] -> [-1, 1] -> x(t*) -> reverse solve -> [0, 1] (clamped).
+    """x in [0, 1] -> [-1, 1] -> x(t*) -> reverse solve -> [0, 1] (clamped only if clamp=True: the
+    authors classify the unclamped image, and a clamp zeroes the gradient of saturated pixels).
 
-    stochastic is True for every sampler: even vp-ode starts from a noisy x(t*) (Eq. 3); ld-sde has no
-    forward diffusion (it starts from the input, Eq. 26) but Langevin noise. Randomness, in draw order and
-    all through the host's Noise: per-image t* ~ U[t_star - t_delta, t_star + t_delta] (only if t_delta >
-    0), the Eq. 3 noise, then one [B, ...] increment per step. All steps run in lockstep with
-    N = round((t_star + t_delta)/dt) steps of t*_i/N each (see solver.py), so no image steps coarser
-    than dt and an image's result does not depend on the rest of its batch.
+    stochastic is True for every sampler: even vp-ode and ddim (eta 0) start from a noisy x(t*) (Eq. 3);
+    ld-sde has no forward diffusion (it starts from the input, Eq. 26) but Langevin noise. Randomness, in
+    draw order and all through the host's Noise: one uniform per image for the randomised t* (only if
+    t_delta > 0), the Eq. 3 noise, then one [B, ...] increment per noisy step.
+
+    Forward noising (Eq. 3) uses alpha(t*) of the continuous VP-SDE (forward="continuous"), or the
+    discrete 1000-step alpha-bar at index t* 1000 - 1 (forward="discrete", as the authors' code for every
+    model: runners/diffpure_sde.py); discrete-time score models and the ddpm / ddim samplers always
+    use the discrete one (those t* are on the 1/1000 grid).
+
+    Randomised t* (paper Table 13), t* in [t_star - t_delta, t_star + t_delta]:
+      per-image  each image draws its own t* ~ U (on the 1/1000 grid where the forward is discrete),
+                 used for the forward noise and the reverse solve; all images run in lockstep with
+                 N = round((t_star + t_delta)/dt) steps of t*_i/N each (see solver.py), so no image
+                 steps coarser than dt and an image's result does not depend on the rest of its batch.
+      per-call   the authors' semantics: one integer offset d in [-D, D - 1], D = t_delta 1000 (numpy's
+                 randint(-D, D)) per call, for the forward noise only (t* + d/1000); the reverse solve
+                 always starts from the nominal t_star. d is drawn from the first row's stream (one
+                 uniform drawn per image keeps every image's stream in step), so EOT copies in one call
+                 share it, as the authors' batch does.
 
     Gradient modes: exact (checkpointed backprop), adjoint (torchsde; for vp-ode the ODE adjoint, i.e.
-    zero diffusion), bpda, none. The score network is frozen: no parameter ever gets a gradient.
+    zero diffusion; not for ddpm / ddim), bpda, none. The score network is frozen: no parameter ever gets
+    a gradient.
     """
 
     stochastic = True
-    gradient_modes = ("exact", "adjoint", "bpda", "none")
 
     def __init__(self, score_model: ScoreModel, sampler: str = "vp-sde", t_star: float = 0.1, t_delta: float = 0.0,
-                 dt: float = 1e-3, ld_sigma2: float = 100.0, ld_lambda: float = 0.1, ld_eta: float = 1.0):
+                 dt: float = 1e-3, ld_sigma2: float = 100.0, ld_lambda: float = 0.1, ld_eta: float = 1.0,
+                 ddim_eta: float = 0.0, forward: Literal["continuous", "discrete"] = "continuous",
+                 clamp: bool = False, t_delta_mode: Literal["per-image", "per-call"] = "per-image"):
         super().__init__()
         if sampler not in SAMPLERS:
             raise ValueError(f"unknown sampler {sampler!r}; expected one of {SAMPLERS}")
         if not 0.0 <= t_delta < t_star <= 1.0:
             raise ValueError(f"need 0 <= t_delta < t_star <= 1, got t_star={t_star}, t_delta={t_delta}")
+        if forward not in ("continuous", "discrete") or t_delta_mode not in ("per-image", "per-call"):
+            raise ValueError(f"forward must be continuous|discrete and t_delta_mode per-image|per-call, "
+                             f"got {forward!r}, {t_delta_mode!r}")
+        if t_delta_mode == "per-call" and t_delta > 0:
+            if sampler == "ld-sde":
+                raise ValueError("t_delta_mode per-call randomises the forward noise, which ld-sde does not have")
+            if abs(t_delta * sde.DISCRETE_STEPS - round(t_delta * sde.DISCRETE_STEPS)) > 1e-6:
+                raise ValueError(f"t_delta_mode per-call offsets whole steps of 1/1000 (the authors' integer "
+                                 f"t_delta): t_delta={t_delta} is not a multiple of 0.001")
         self.score_model = score_model.requires_grad_(False).eval()
         self.sampler, self.t_star, self.t_delta, self.dt = sampler, t_star, t_delta, dt
+        self.clamp, self.t_delta_mode = clamp, t_delta_mode
         self.ld = dict(ld_sigma2=ld_sigma2, ld_lambda=ld_lambda, ld_eta=ld_eta)
-        self.n_steps = max(1, round((t_star + t_delta) / dt))
+        self.ddim_eta = ddim_eta
+        # Discrete forward noising, and t* on the 1/1000 grid.
+        self.discrete = score_model.discrete_time or forward == "discrete" or sampler in DISCRETE_SAMPLERS
+        # A discrete chain has no continuous-time adjoint.
+        self.gradient_modes = ("exact", "bpda", "none") if sampler in DISCRETE_SAMPLERS else \
+            ("exact", "adjoint", "bpda", "none")
+        t_max = t_star + (t_delta if t_delta_mode == "per-image" else 0.0)
+        self.n_steps = max(1, round(t_max / dt))
+        if sampler in DISCRETE_SAMPLERS:  # at most one step per level
+            self.n_steps = min(self.n_steps, round(t_max * sde.DISCRETE_STEPS))
 
-    def _draw_t_star(self, x: Tensor, noise: Noise) -> Tensor:
+    def _grid(self, t: Tensor) -> Tensor:
+        if not self.discrete:
+            return t
+        n = sde.DISCRETE_STEPS
+        return (torch.round(t * n) / n).clamp_min(1.0 / n)
+
+    def _draw_t_star(self, x: Tensor, noise: Noise) -> tuple[Tensor, Tensor]:
+        """(t* of the forward noise, t* the reverse solve starts from), per image."""
         t = torch.full((x.shape[0],), self.t_star, dtype=x.dtype, device=x.device)
-        if self.t_delta > 0:
-            t = t + self.t_delta * (2.0 * noise.rand((x.shape[0],), device=x.device, dtype=x.dtype) - 1.0)
-        if self.score_model.discrete_forward:  # on the 1000-step grid, so Eq. 3 and the solve agree on t*
-            n = sde.DISCRETE_STEPS
-            t = (torch.round(t * n) / n).clamp_min(1.0 / n)
-        return t
+        if self.t_delta == 0:
+            t = self._grid(t)
+            return t, t
+        u = noise.rand((x.shape[0],), device=x.device, dtype=x.dtype)
+        if self.t_delta_mode == "per-image":
+            t = self._grid(t + self.t_delta * (2.0 * u - 1.0))
+            return t, t
+        d = round(self.t_delta * sde.DISCRETE_STEPS)
+        offset = (torch.floor(u[0] * 2 * d) - d).clamp(-d, d - 1)  # uniform on -d..d-1
+        t = self._grid(t)
+        return t + offset / sde.DISCRETE_STEPS, t
 
     def _start(self, x: Tensor, noise: Noise) -> tuple[Tensor, Tensor, Tensor]:
-        """(centred input, t* per image, x(t*)); x(t*) is differentiable in x (reparameterisation)."""
-        t_star = self._draw_t_star(x, noise)
+        """(centred input, t* of the reverse solve per image, x(t*)); x(t*) is differentiable in x."""
+        t_noise, t_solve = self._draw_t_star(x, noise)
         x_c = sde.to_centered(x)
         if self.sampler == "ld-sde":
-            return x_c, t_star, x_c
-        a = sde.discrete_alpha_bar(t_star.cpu()) if self.score_model.discrete_forward else sde.alpha(t_star)
+            return x_c, t_solve, x_c
+        if not self.discrete:
+            a = sde.alpha(t_noise)
+        else:  # the authors' tables: RevVPSDE's for the VP samplers, SDEdit's for the ddpm runner's chain
+            linspace = torch.float64 if self.sampler in DISCRETE_SAMPLERS else torch.float32
+            a = sde.discrete_alpha_bar(t_noise, linspace_dtype=linspace)
         eps = noise.randn(tuple(x.shape), device=x.device, dtype=x.dtype)
-        return x_c, t_star, sde.diffuse(x_c, a.to(device=x.device, dtype=x.dtype), eps)
+        return x_c, t_solve, sde.diffuse(x_c, a, eps)
 
     def _solve(self, x_c: Tensor, t_star: Tensor, x_t: Tensor, gradient: str, noise: Noise, **kw):
         return integrate(self.score_model, x_t, t_star, sampler=self.sampler, n_steps=self.n_steps,
-                         gradient=gradient, noise=noise, x_a=x_c, **self.ld, **kw)
+                         gradient=gradient, noise=noise, x_a=x_c, ddim_eta=self.ddim_eta, **self.ld, **kw)
 
     def _purify(self, x: Tensor, *, gradient: str, noise: Noise) -> Tensor:
         x_c, t_star, x_t = self._start(x, noise)
-        return sde.from_centered(self._solve(x_c, t_star, x_t, gradient, noise)).clamp(0.0, 1.0)
+        out = sde.from_centered(self._solve(x_c, t_star, x_t, gradient, noise))
+        return out.clamp(0.0, 1.0) if self.clamp else out
 
     @torch.no_grad()
     def trajectory(self, x: Tensor, n_frames: int = 4, *, noise: Noise | None = None) -> tuple[Tensor, list[str]]:
@@ -82,20 +137,73 @@ class DiffPure(Purifier):
                   *(f"step {m}/{self.n_steps}" for m in mids), "purified"]
         return torch.stack([x, *(sde.from_centered(f) for f in (x_t, *frames, out))]).clamp(0.0, 1.0), labels
 
-    def gradient_agreement(self, x: Tensor, seed: int = 0) -> dict[str, float]:
-        """Cosine similarity between the input gradients of exact / adjoint and plain autograd through
-        the unrolled solver, all with the same noise (for benchkit.checks' gradient-correctness)."""
-        g = torch.Generator().manual_seed(seed)
-        v = torch.randn(tuple(x.shape), generator=g).to(x)  # a random output direction
-        seeds = [derive_seed("gradient-agreement", seed, i) for i in range(x.shape[0])]
-        grads = {}
-        for mode in ("autograd", "exact", "adjoint"):
-            xr = x.detach().clone().requires_grad_(True)
-            noise = PerExampleNoise(seeds)
-            with torch.enable_grad():
-                x_c, t_star, x_t = self._start(xr, noise)
-                out = self._solve(x_c, t_star, x_t, mode, noise)
-                (grads[mode],) = torch.autograd.grad((out * v).sum(), xr)
-        ref = grads["autograd"].flatten()
-        return {m: float(torch.nn.functional.cosine_similarity(grads[m].flatten(), ref, dim=0))
-                for m in ("exact", "adjoint")}
+    def gradient_agreement(self, x: Tensor, seed: int = 0, **kw) -> "GradientAgreement":
+        """See `gradient_agreement` below: exact (and adjoint where it applies) against a reference."""
+        return gradient_agreement(self._purify, self.gradient_modes, x, seed, **kw)
+
+
+class GradientAgreement(dict):
+    """{gradient mode: cosine with the reference}, plus how the reference was computed (`reference`,
+    a phrase) and on how many images (`images`), for benchkit.checks' gradient-correctness verdict."""
+
+    def __init__(self, cosines: dict[str, float], reference: str, images: int):
+        super().__init__(cosines)
+        self.reference, self.images = reference, images
+
+
+# Central differences along random N(0, I) directions with this step per pixel: the directional
+# derivative <g, u> is of order |g| while float32 round-off of a 100-step solve (~1e-5 per pixel, summed
+# against the random output weights) stays near 1% of it; curvature at 1e-3 per pixel is far smaller.
+FD_STEP = 1e-3
+# An exact gradient this close to the finite differences serves as the full-gradient reference of the
+# other modes (a projected cosine below 1 is a noisy estimate; the full one is not).
+EXACT_TRUSTED = 0.99
+
+
+def gradient_agreement(purify: Callable[..., Tensor], modes: tuple[str, ...], x: Tensor, seed: int = 0, *,
+                       reference: Literal["finite-differences", "autograd"] = "finite-differences",
+                       directions: int = 8, fd_step: float = FD_STEP) -> GradientAgreement:
+    """Cosine similarity between each solver gradient mode's input gradient (exact, adjoint: those in
+    `modes`) and a reference's, all with the same noise (per-image seeds), for the loss
+    sum_b <v_b, purify(x)_b> with fixed random output weights v.
+
+    reference "finite-differences" (default): the exact gradient's directional derivatives <g_b, u_bj>
+    against central differences (L_b(x + h u) - L_b(x - h u))/2h of the no-grad purification along
+    `directions` random N(0, I) directions u per image, as the cosine of the two vectors of B *
+    directions derivatives: a correct gradient agrees to round-off whatever the directions, a wrong one
+    (e.g. the identity through the solver) scores far lower. It costs one no-grad solve of 2 *
+    directions * B rows and never keeps a graph, so it fits wherever purification does. Once exact
+    agrees (>= EXACT_TRUSTED), adjoint is scored by its full cosine with exact; otherwise by its own
+    projected cosine, whose estimate is rough below 1 (about +- sqrt((1 - c^2)/(B directions))).
+    reference "autograd": the full gradients against plain autograd through the unrolled solver
+    (memory grows with steps x activations: for small problems and tests).
+
+    purify(x, gradient=..., noise=...) is the purifier's _purify (which accepts "autograd")."""
+    modes = tuple(m for m in ("exact", "adjoint") if m in modes)
+    g = torch.Generator().manual_seed(seed)  # CPU generator: the same directions on every device
+    v = torch.randn(tuple(x.shape), generator=g, device="cpu").to(x)
+    seeds = [derive_seed("gradient-agreement", seed, i) for i in range(x.shape[0])]
+    cos = lambda a, b: float(torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), dim=0))
+    grads = {}
+    for mode in modes + (("autograd",) if reference == "autograd" else ()):
+        xr = x.detach().clone().requires_grad_(True)
+        with torch.enable_grad():
+            out = purify(xr, gradient=mode, noise=PerExampleNoise(seeds))
+            (grads[mode],) = torch.autograd.grad((out * v).sum(), xr)
+    if reference == "autograd":
+        return GradientAgreement({m: cos(grads[m], grads["autograd"]) for m in modes},
+                                 "autograd through the unrolled solver", x.shape[0])
+
+    us = torch.randn((directions, *x.shape), generator=g, device="cpu").to(x)
+    with torch.no_grad():  # all 2 * directions perturbed copies in one batch, each row with its image's noise
+        xs = torch.cat([x + fd_step * us, x - fd_step * us]).flatten(0, 1)
+        out = purify(xs, gradient="none", noise=PerExampleNoise(seeds * 2 * directions))
+        plus, minus = (out.view(2, directions, *x.shape) * v).flatten(3).sum(3)
+        fd = (plus - minus) / (2 * fd_step)  # [directions, B]
+    projected = {m: cos((grads[m] * us).flatten(2).sum(2), fd) for m in modes}
+    how = f"central finite differences along {directions} random directions per image"
+    if projected.get("exact", 0.0) < EXACT_TRUSTED or len(modes) == 1:
+        return GradientAgreement(projected, how, x.shape[0])
+    return GradientAgreement({m: projected[m] if m == "exact" else cos(grads[m], grads["exact"]) for m in modes},
+                             f"exact vs {how}, {', '.join(m for m in modes if m != 'exact')} vs the exact gradient",
+                             x.shape[0])

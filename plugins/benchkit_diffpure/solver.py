@@ -1,28 +1,42 @@
-"""Fixed-step reverse-time integration for DiffPure: Euler(-Maruyama) from t* down to 0.
+"""Fixed-step reverse-time integration for DiffPure, from t* down to 0.
 
-Samplers (drifts in sde.py):
+Samplers (every formula in sde.py):
   vp-sde  reverse VP-SDE (Eq. 4-5), Euler-Maruyama
   vp-ode  probability-flow ODE (Eq. 28), Euler, deterministic
   ld-sde  Langevin dynamics (Eq. 26) on s(x, LD_SCORE_TIME), attracted to the input x_a, started from x_a.
-          Horizon t* as in the reference (runners/diffpure_ldsde.py integrates t' over [1 - t*, 1 - 1e-5]);
-          the reference steps it with dt = 1e-2 (10 steps for t* = 0.1), we use the common `dt`.
+          Horizon t* as in the reference (runners/diffpure_ldsde.py integrates t' over [1 - t*, 1 - 1e-5]),
+          with the common `dt` (the reference's LD-SDE uses dt = 1e-2: 10 steps for t* = 0.1).
+  ddpm    the discrete DDPM ancestral chain (Ho et al. 2020) with fixedsmall variance, as SDEdit and the
+          authors' CelebA-HQ runner (runners/diffpure_ddpm.py): x <- 1/sqrt(alpha_i)(x - beta_i/sqrt(1 -
+          abar_i) eps(x, i)) + sqrt(beta_tilde_i) z for i = K-1..0, no noise into the data (i = 0)
+  ddim    DDIM (Song et al. 2021) on the same chain, eta = ddim_eta (0: deterministic; 1: ddpm)
 
-Time. Image i runs N steps on its own grid t_i(s) = t*_i (1 - s/N), s = 0..N (step h_i = t*_i/N), so a
-batch with per-image t* runs in lockstep, one network call per step for the whole batch. The integrand
-is written per unit of s, a step is x <- x + F(s, x) + G(s) z_s with z_s ~ N(0, I), and torchsde sees the
-increasing time s in [0, N] with dt = 1: integer times (exact float arithmetic, no accumulated steps).
-This is the reference's t' = 1 - t re-parameterisation normalised per image (s/N = 1 - t/t*).
-N is chosen by the caller (DiffPure: round((t_bar + delta)/dt), independent of the batch).
+Time, continuous samplers. Image i runs N steps on its own grid t_i(s) = t*_i (1 - s/N), s = 0..N (step
+h_i = t*_i/N), so a batch with per-image t* runs in lockstep, one network call per step for the whole
+batch. The integrand is written per unit of s, a step is x <- x + F(s, x) + G(s) z_s with z_s ~ N(0, I),
+and torchsde sees the increasing time s in [0, N] with dt = 1: integer times (exact float arithmetic, no
+accumulated steps). This is the reference's t' = 1 - t re-parameterisation normalised per image (s/N =
+1 - t/t*). N is chosen by the caller (DiffPure: round((t_bar + delta)/dt), independent of the batch).
+A discrete-time network (score.DiscreteTimeScore) gets the step floor(t_i(s) 1000) as the reference
+feeds it, computed in integers: floor(K_i (N - s)/N) with K_i = t*_i 1000, so each of K..1 is called
+exactly once when N = K (no float floor that skips a step and repeats the next).
+
+Time, discrete samplers. Levels (sde.py): image i goes from level K_i = t*_i 1000 to 0 in N lockstep steps
+on the integer levels ceil(K_i (N - k)/N); N = K_i is the reference's full chain, N < K_i a respaced one
+(guided-diffusion's respacing for ddpm, evenly spaced timesteps for ddim). The network sees step index
+level - 1; a continuous-time model t = level/1000 (ScoreModel.eps_index).
 
 Gradients:
   none     no_grad loop, noise drawn step by step
   exact    one autograd.Function over the whole solve that saves only the N input states (and the
-           pre-drawn increments) and recomputes each step's network call in backward
+           pre-drawn increments) and recomputes each step's network call in backward (any sampler)
   autograd plain autograd through the unrolled loop (reference for tests; memory grows with activations)
   adjoint  torchsde.sdeint_adjoint (method and adjoint_method euler, dt 1 in s-units) with a Brownian
-           motion that replays the same pre-drawn increments, so forward values equal the exact mode's
-Increments are drawn through `noise` in the same order in every mode ([B, ...] per step), so the path is
-the same whatever the gradient mode, and PerExampleNoise keeps each image's path its own.
+           motion that replays the same pre-drawn increments, so forward values equal the exact mode's.
+           Continuous samplers only: a discrete chain has no continuous-time adjoint.
+Increments are drawn through `noise` in the same order in every mode ([B, ...] per noisy step), so the
+path is the same whatever the gradient mode, and PerExampleNoise keeps each image's path its own. ddpm and
+ddim (eta > 0) draw none for their last step, whose noise the reference masks out.
 """
 from __future__ import annotations
 
@@ -36,43 +50,64 @@ from benchkit.noise import GLOBAL_NOISE, Noise
 from benchkit_diffpure import sde
 from benchkit_diffpure.score import ScoreModel
 
-SAMPLERS = ("vp-sde", "vp-ode", "ld-sde")
+CONTINUOUS_SAMPLERS = ("vp-sde", "vp-ode", "ld-sde")
+DISCRETE_SAMPLERS = ("ddpm", "ddim")
+SAMPLERS = CONTINUOUS_SAMPLERS + DISCRETE_SAMPLERS
 SOLVER_GRADIENTS = ("none", "exact", "autograd", "adjoint")
 # Smallest time at which the score is evaluated: torchsde's adjoint evaluates the drift at the right end of
 # each step, i.e. at t = 0 where std(0) = 0; the reference stops at t = 1e-5 for the same reason.
 T_EPS = 1e-5
 
 
+def solver_gradients(sampler: str) -> tuple[str, ...]:
+    """The gradient modes `integrate` offers for a sampler (adjoint: continuous samplers only)."""
+    return SOLVER_GRADIENTS if sampler in CONTINUOUS_SAMPLERS else ("none", "exact", "autograd")
+
+
+def _col(v: Tensor, x: Tensor) -> Tensor:
+    """A per-image [B] value as [B, 1, ...] against x."""
+    return v.view(-1, *([1] * (x.dim() - 1)))
+
+
 class ReverseField:
-    """Drift F and diffusion G of one sampler per unit of the step index s (see module docstring)."""
+    """Drift F and diffusion G of one continuous sampler per unit of the step index s (see module docstring)."""
 
     def __init__(self, model: ScoreModel, sampler: str, t_star: Tensor, n_steps: int, x_a: Tensor | None = None,
                  ld_sigma2: float = 100.0, ld_lambda: float = 0.1, ld_eta: float = 1.0):
-        if sampler not in SAMPLERS:
-            raise ValueError(f"unknown sampler {sampler!r}; expected one of {SAMPLERS}")
+        if sampler not in CONTINUOUS_SAMPLERS:
+            raise ValueError(f"unknown continuous sampler {sampler!r}; expected one of {CONTINUOUS_SAMPLERS}")
         if sampler == "ld-sde" and x_a is None:
             raise ValueError("ld-sde needs the input x_a it is attracted to")
         self.model, self.sampler, self.t_star, self.n = model, sampler, t_star, n_steps
         self.x_a, self.sigma2, self.lam, self.eta = x_a, ld_sigma2, ld_lambda, ld_eta
         self.h = t_star / n_steps  # per-image step in t
-
-    @staticmethod
-    def _col(v: Tensor, x: Tensor) -> Tensor:
-        return v.view(-1, *([1] * (x.dim() - 1)))
+        self.noise_steps = 0 if sampler == "vp-ode" else n_steps
+        # Integer levels K_i = t*_i 1000 for a discrete-time network (ld-sde calls it at a fixed step).
+        self.levels = sde.levels_of(t_star) if model.discrete_time and sampler != "ld-sde" else None
 
     def time(self, s: Tensor | float) -> Tensor:
         """Forward time t_i(s) = t*_i (1 - s/N) per image, kept >= T_EPS."""
         return (self.t_star * (1.0 - s / self.n)).clamp_min(T_EPS)
 
+    def _score(self, s: Tensor | float, x: Tensor, t: Tensor) -> Tensor:
+        if not self.model.discrete_time:
+            return self.model.score(x, t)
+        if self.sampler == "ld-sde":
+            index = torch.full_like(self.t_star, sde.LD_SCORE_INDEX, dtype=torch.long)
+        else:  # floor(t_i(s) 1000) = floor(K_i (N - s)/N), in integers (s is on the integer grid)
+            index = (self.levels * (self.n - round(float(s)))) // self.n
+        std = _col(sde.marginal_std(t).to(x.dtype), x)
+        return -self.model.eps_index(x, index) / std
+
     def drift(self, s: Tensor | float, x: Tensor, x_a: Tensor | None = None) -> Tensor:
-        h = self._col(self.h, x)
+        h = _col(self.h, x)
         if self.sampler == "ld-sde":
             x_a = (self.x_a if x_a is None else x_a).view_as(x)
             t0 = torch.full_like(self.t_star, sde.LD_SCORE_TIME)
-            return h * sde.langevin_drift(x, x_a, self.model.score(x, t0), self.lam, self.sigma2)
+            return h * sde.langevin_drift(x, x_a, self._score(s, x, t0), self.lam, self.sigma2)
         t = self.time(s)
-        beta_t = self._col(sde.beta(t), x)
-        score = self.model.score(x, t)
+        beta_t = _col(sde.beta(t), x)
+        score = self._score(s, x, t)
         # dt < 0 in forward time: x(t - h) = x(t) - f(x, t) h.
         if self.sampler == "vp-sde":
             return -h * sde.reverse_sde_drift(x, t, score, beta_t)
@@ -80,12 +115,12 @@ class ReverseField:
 
     def diffusion(self, s: Tensor | float, x: Tensor) -> Tensor | None:
         """G with sqrt(h) folded in ([B, 1, ...]), or None for the ODE."""
-        h = self._col(self.h, x)
+        h = _col(self.h, x)
         if self.sampler == "vp-ode":
             return None
         if self.sampler == "ld-sde":
             return sde.langevin_diffusion(self.lam, self.eta) * h.sqrt()
-        return sde.reverse_sde_diffusion(self._col(sde.beta(self.time(s)), x) * h)
+        return sde.reverse_sde_diffusion(_col(sde.beta(self.time(s)), x) * h)
 
     def step(self, k: int, x: Tensor, z: Tensor | None, x_a: Tensor | None = None) -> Tensor:
         """One Euler(-Maruyama) step from s = k to k + 1."""
@@ -94,14 +129,48 @@ class ReverseField:
         return x_next if g is None or z is None else x_next + g * z
 
 
-class _CheckpointedEuler(torch.autograd.Function):
-    """The whole solve as one node: saves the N input states, recomputes each step in backward."""
+class DiscreteChain:
+    """ddpm / ddim steps between integer levels (module docstring), with the same step interface as
+    ReverseField. Coefficients for every step and image are tabulated up front ([N, B], on x's device)."""
+
+    x_a = None
+
+    def __init__(self, model: ScoreModel, sampler: str, t_star: Tensor, n_steps: int, ddim_eta: float = 0.0):
+        if sampler not in DISCRETE_SAMPLERS:
+            raise ValueError(f"unknown discrete sampler {sampler!r}; expected one of {DISCRETE_SAMPLERS}")
+        if not 0.0 <= ddim_eta <= 1.0:
+            raise ValueError(f"ddim_eta must be in [0, 1], got {ddim_eta}")
+        self.model, self.sampler, self.n = model, sampler, n_steps
+        grid = sde.level_grid(sde.levels_of(t_star), n_steps)
+        la, lb = grid[:-1], grid[1:]
+        self.index = la - 1  # the network's step index of each step's start level
+        if sampler == "ddpm":
+            self.coef = sde.ddpm_coefficients(la, lb)
+        else:
+            self.coef = sde.ddim_coefficients(la, lb, ddim_eta)
+        self.coef = tuple(c.to(t_star.dtype) for c in self.coef)
+        # Every step into level 0 (the last, for every image) is noise-free: no draw for it.
+        self.noise_steps = 0 if sampler == "ddim" and ddim_eta == 0 else n_steps - 1
+
+    def step(self, k: int, x: Tensor, z: Tensor | None, x_a: Tensor | None = None) -> Tensor:
+        eps = self.model.eps_index(x, self.index[k])
+        c = [_col(v[k], x) for v in self.coef]
+        return (sde.ddpm_step if self.sampler == "ddpm" else sde.ddim_step)(x, eps, z, *c)
+
+
+def _z(zs: Tensor | None, k: int) -> Tensor | None:
+    return zs[k] if zs is not None and k < len(zs) else None
+
+
+class _Checkpointed(torch.autograd.Function):
+    """The whole solve (any field: ReverseField, DiscreteChain) as one node: saves the N input states,
+    recomputes each step in backward."""
 
     @staticmethod
-    def forward(ctx, field: ReverseField, zs: Tensor | None, x: Tensor, x_a: Tensor | None) -> Tensor:
+    def forward(ctx, field, zs: Tensor | None, x: Tensor, x_a: Tensor | None) -> Tensor:
         states = [x]
         for k in range(field.n):
-            states.append(field.step(k, states[-1], None if zs is None else zs[k], x_a))
+            states.append(field.step(k, states[-1], _z(zs, k), x_a))
         ctx.field = field
         ctx.save_for_backward(zs, x_a, *states[:-1])
         return states[-1]
@@ -117,7 +186,7 @@ class _CheckpointedEuler(torch.autograd.Function):
         for k in range(field.n - 1, -1, -1):
             xk = states[k].detach().requires_grad_(True)
             with torch.enable_grad():
-                out = field.step(k, xk, None if zs is None else zs[k], xa_leaf)
+                out = field.step(k, xk, _z(zs, k), xa_leaf)
             grads = torch.autograd.grad(out, (xk, xa_leaf) if need_xa else (xk,), grad)
             grad = grads[0]
             if need_xa:
@@ -190,23 +259,36 @@ def _adjoint(field: ReverseField, zs: Tensor | None, x: Tensor) -> Tensor:
 def integrate(model: ScoreModel, x: Tensor, t_star: Tensor | float, *, sampler: str = "vp-sde",
               n_steps: int | None = None, dt: float = 1e-3, gradient: str = "none", noise: Noise | None = None,
               x_a: Tensor | None = None, ld_sigma2: float = 100.0, ld_lambda: float = 0.1, ld_eta: float = 1.0,
-              snapshots: Sequence[int] = ()) -> Tensor | tuple[Tensor, list[Tensor]]:
+              ddim_eta: float = 0.0, snapshots: Sequence[int] = ()) -> Tensor | tuple[Tensor, list[Tensor]]:
     """Integrate from x = x(t*) (centred, [-1, 1] convention) back to t = 0.
 
-    t_star: scalar or one value per image; n_steps defaults to round(max t*/dt) (pass it explicitly when
-    t* varies per image, or the result of one image depends on the others' t*). For ld-sde, x_a defaults
-    to x. snapshots (gradient "none" only): also return the states after those step counts (0..N).
+    t_star: scalar or one value per image (on the 1/1000 grid for ddpm, ddim and discrete-time
+    models); n_steps defaults to round(max t*/dt), for ddpm/ddim at most max t* 1000 (pass it
+    explicitly when t* varies per image, or the result of one image depends on the others' t*).
+    For ld-sde, x_a defaults to x. snapshots (gradient "none" only): also return the states after
+    those step counts (0..N).
     """
-    if gradient not in SOLVER_GRADIENTS:
-        raise ValueError(f"unknown gradient {gradient!r}; expected one of {SOLVER_GRADIENTS}")
+    if sampler not in SAMPLERS:
+        raise ValueError(f"unknown sampler {sampler!r}; expected one of {SAMPLERS}")
+    if gradient not in solver_gradients(sampler):
+        why = " (a discrete chain has no continuous-time adjoint)" if gradient in SOLVER_GRADIENTS else ""
+        raise ValueError(f"gradient {gradient!r} is not available for sampler {sampler!r}{why}; "
+                         f"expected one of {solver_gradients(sampler)}")
     noise = noise or GLOBAL_NOISE
     t_star = torch.as_tensor(t_star, dtype=x.dtype, device=x.device).expand(x.shape[0]).contiguous()
-    n = n_steps if n_steps is not None else max(1, round(float(t_star.max()) / dt))
-    if sampler == "ld-sde" and x_a is None:
-        x_a = x
-    field = ReverseField(model, sampler, t_star, n, x_a if sampler == "ld-sde" else None,
-                         ld_sigma2, ld_lambda, ld_eta)
-    stochastic = sampler != "vp-ode"
+    if n_steps is None:
+        t_max = float(t_star.max())
+        n_steps = max(1, round(t_max / dt))
+        if sampler in DISCRETE_SAMPLERS:
+            n_steps = min(n_steps, round(t_max * sde.DISCRETE_STEPS))
+    if sampler in DISCRETE_SAMPLERS:
+        field = DiscreteChain(model, sampler, t_star, n_steps, ddim_eta)
+    else:
+        if sampler == "ld-sde" and x_a is None:
+            x_a = x
+        field = ReverseField(model, sampler, t_star, n_steps, x_a if sampler == "ld-sde" else None,
+                             ld_sigma2, ld_lambda, ld_eta)
+    n = field.n
 
     def draw() -> Tensor:
         return noise.randn(tuple(x.shape), device=x.device, dtype=x.dtype)
@@ -216,20 +298,20 @@ def integrate(model: ScoreModel, x: Tensor, t_star: Tensor | float, *, sampler: 
         with torch.no_grad():
             for k in range(n):
                 kept[k] = x if k in snapshots else None
-                x = field.step(k, x, draw() if stochastic else None)
+                x = field.step(k, x, draw() if k < field.noise_steps else None)
         kept[n] = x
         return (x, [kept[k] for k in snapshots]) if snapshots else x
     if snapshots:
         raise ValueError("snapshots are only available with gradient='none'")
     zs = None
-    if stochastic:  # drawn up front (same order as above) so that backward replays the sampled path
-        zs = x.new_empty((n, *x.shape))
-        for k in range(n):
+    if field.noise_steps:  # drawn up front (same order as above) so that backward replays the sampled path
+        zs = x.new_empty((field.noise_steps, *x.shape))
+        for k in range(field.noise_steps):
             zs[k] = draw()
     if gradient == "exact":
-        return _CheckpointedEuler.apply(field, zs, x, field.x_a)
+        return _Checkpointed.apply(field, zs, x, field.x_a)
     if gradient == "adjoint":
         return _adjoint(field, zs, x)
     for k in range(n):  # "autograd": plain backpropagation through the unrolled loop
-        x = field.step(k, x, None if zs is None else zs[k])
+        x = field.step(k, x, _z(zs, k))
     return x
