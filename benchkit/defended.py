@@ -148,9 +148,17 @@ class DefendedModel(nn.Module):
         return total / n_eff
 
     def loss_and_grad(self, loss_fn: LossFn, x: Tensor, y: Tensor, n: int, *,
-                      noise: Noise | None = None) -> tuple[Tensor, Tensor]:
+                      noise: Noise | None = None, average: str = "loss") -> tuple[Tensor, Tensor]:
         """EOT-averaged loss per example and its gradient w.r.t. x, one backward per chunk so
-        memory is bounded by the chunk, not by n."""
+        memory is bounded by the chunk, not by n.
+
+        average "loss": the mean over the n samples of loss_fn(logits_s, y); "logits": loss_fn of
+        the samples' mean logits (Hill et al.'s BPDA+EOT code, as DiffPure's BPDA evaluation runs it).
+        """
+        if average == "logits":
+            return self._mean_logits_loss_and_grad(loss_fn, x, y, n, noise)
+        if average != "loss":
+            raise ValueError(f"average must be 'loss' or 'logits', not {average!r}")
         x = x.detach()
         n_eff = n if self.stochastic else 1
         loss_total = x.new_zeros(x.shape[0])
@@ -166,6 +174,56 @@ class DefendedModel(nn.Module):
             grad_total += g
             start += k
         return loss_total / n_eff, grad_total / n_eff
+
+    def _mean_logits_loss_and_grad(self, loss_fn: LossFn, x: Tensor, y: Tensor, n: int,
+                                   noise: Noise | None) -> tuple[Tensor, Tensor]:
+        """L = loss_fn(mean_s z_s, y) and dL/dx = sum_s J_s^T (dL/dz_bar) / n in two passes over the
+        chunks: the mean logits without graphs, then one backward per chunk with that upstream
+        gradient. The second pass replays the first one's purifications: ImageStreams re-bound to
+        the same rows draw the same noise, and under bpda the purified images are kept instead
+        (the identity backward needs only the classifier at them)."""
+        x = x.detach()
+        n_eff = n if self.stochastic else 1
+        noise, keys = self._open(x, noise)
+        replayable = isinstance(noise, ImageStreams) or not self.stochastic
+        if not replayable and self.gradient != "bpda":   # no way to redraw the same noise: one pass
+            xk = x.clone().requires_grad_(True)
+            with torch.enable_grad():
+                logits = self._copies(xk, keys, noise, 0, n_eff)
+                loss = loss_fn(logits.view(n_eff, x.shape[0], -1).mean(0), y)
+                (g,) = torch.autograd.grad(loss.sum(), xk)
+            return loss.detach(), g
+        sizes = self._chunks(x.shape[0], n_eff)
+        total, kept, start = None, [], 0
+        with torch.no_grad():
+            for k in sizes:
+                if isinstance(noise, ImageStreams):
+                    noise.bind(keys, range(start, start + k))
+                xr = x.repeat(k, *([1] * (x.dim() - 1))) if k > 1 else x
+                purified = self.purifier.purify(xr, gradient="none", noise=noise)
+                if self.gradient == "bpda":
+                    kept.append(purified)
+                logits = self.classifier(purified).view(k, x.shape[0], -1).sum(0)
+                total = logits if total is None else total + logits
+                start += k
+        z_bar = (total / n_eff).requires_grad_(True)
+        with torch.enable_grad():
+            loss = loss_fn(z_bar, y)
+            (upstream,) = torch.autograd.grad(loss.sum(), z_bar)
+        upstream = upstream / n_eff
+        grad, start = torch.zeros_like(x), 0
+        for c, k in enumerate(sizes):
+            with torch.enable_grad():
+                if self.gradient == "bpda":
+                    inp = kept[c].requires_grad_(True)
+                    logits = self.classifier(inp)
+                else:
+                    inp = x.clone().requires_grad_(True)
+                    logits = self._copies(inp, keys, noise, start, k)
+                (g,) = torch.autograd.grad(logits, inp, grad_outputs=upstream.repeat(k, 1))
+            grad += g.view(k, *x.shape).sum(0) if self.gradient == "bpda" else g
+            start += k
+        return loss.detach(), grad
 
     @torch.no_grad()
     def predict(self, x: Tensor, *, noise: Noise | None = None) -> Tensor:

@@ -112,3 +112,35 @@ def test_image_streams_do_not_depend_on_eot_chunking_batch_or_subset():
     # deterministic defense: no noise drawn, the bare classifier's logits
     plain = DefendedModel(clf, Identity()).for_images(x, seeds)
     assert torch.equal(plain(x), clf(x))
+
+
+class SquareNoise(Purifier):
+    """x^2 + sigma z: stochastic with a non-trivial exact gradient, to tell exact from bpda."""
+    stochastic = True
+    gradient_modes = ("exact", "bpda", "none")
+
+    def _purify(self, x, *, gradient, noise):
+        return x**2 + 0.3 * noise.randn_like(x)
+
+
+@pytest.mark.parametrize("gradient", ["exact", "bpda"])
+def test_mean_logits_eot_in_chunks_equals_autograd_in_one_pass(gradient):
+    """average='logits' (two passes over max_batch-sized chunks, the second replaying the first's
+    noise) gives the loss of the samples' mean logits and exactly its autograd gradient."""
+    x = torch.rand(4, 1, 4, 4, generator=torch.Generator().manual_seed(3))
+    y = torch.tensor([0, 1, 2, 1])
+    seeds = [derive_seed("logits", i) for i in range(4)]
+    chunked = DefendedModel(linear(), SquareNoise(), gradient=gradient, max_batch=8).for_images(x, seeds)
+    loss, grad = chunked.loss_and_grad(ce, x, y, 6, average="logits")     # 3 chunks of 2 copies
+
+    whole = DefendedModel(linear(), SquareNoise(), gradient=gradient, max_batch=10**6).for_images(x, seeds)
+    xr = x.clone().requires_grad_(True)
+    noise, keys = whole._open(xr, None)
+    logits = whole._copies(xr, keys, noise, 0, 6)
+    want = ce(logits.view(6, 4, 3).mean(0), y)
+    (want_grad,) = torch.autograd.grad(want.sum(), xr)
+    assert torch.allclose(loss, want.detach(), atol=1e-6)
+    assert torch.allclose(grad, want_grad, atol=1e-6)
+    # Not the mean of the losses: the two averages really differ here.
+    mean_loss, _ = whole.loss_and_grad(ce, x, y, 6)
+    assert not torch.allclose(mean_loss, loss, atol=1e-3)

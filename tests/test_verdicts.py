@@ -117,11 +117,13 @@ def test_attack_verdict_is_the_lower_of_the_variants_like_the_paper():
     assert metrics.summarise(rows)["attack_verdict"] is None
 
 
-def test_bpda_iterate_verdict_is_any_iterate_broken(cnn, data):
+@pytest.mark.parametrize("average", ["loss", "logits"])
+def test_bpda_iterate_verdict_is_any_iterate_broken(cnn, data, average):
     """On a deterministic defense the paper's BPDA verdict is: broken iff some iterate is
     misclassified; a broken image's example is the first such iterate."""
     x, y = data[0][:16], data[1][:16]
-    attack = build("bpda-eot", eps=0.15, steps=6, step_size=0.03, eot=2, random_start=False, iterate_samples=3)
+    attack = build("bpda-eot", eps=0.15, steps=6, step_size=0.03, eot=2, random_start=False, iterate_samples=3,
+                   eot_average=average)
     seen: list[Tensor] = []
     attack.callback = lambda t, x_adv, loss, g: seen.append(x_adv.clone())
     result = run(DefendedModel(cnn, Identity()), attack, x, y)
@@ -138,7 +140,7 @@ def test_bpda_iterate_verdict_is_any_iterate_broken(cnn, data):
 
 def test_bpda_iterate_verdict_on_a_stochastic_defense_only_breaks_what_mean_logits_confirm(cnn, data):
     x, y = data[0][:12], data[1][:12]
-    attack = build("bpda-eot", eps=0.2, steps=4, eot=3, random_start=False, iterate_samples=8)
+    attack = build("bpda-eot", eps=0.2, steps=4, eot=3, random_start=False, iterate_samples=8, eot_average="logits")
     result = run(DefendedModel(cnn, GaussianNoise(0.1)), attack, x, y)
     assert result.verdict.dtype == torch.bool and result.verdict.shape == (12,)
     # Every image found broken was verified on purpose (screen wrong, then 8 purifications wrong).

@@ -12,6 +12,9 @@ from benchkit.params import Budget, Params
 Norm = Literal["Linf", "L2"]
 LossName = Literal["ce", "cw", "dlr"]
 GradientMode = Literal["exact", "adjoint"]
+# What EOT averages: the samples' losses, or their logits before one loss (Hill et al. 2021's
+# BPDA+EOT code, which DiffPure's BPDA evaluation runs: eot_attack_ave 'logits').
+EOTAverage = Literal["loss", "logits"]
 
 
 

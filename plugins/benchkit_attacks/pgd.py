@@ -19,7 +19,7 @@ from benchkit.noise import Noise
 from benchkit.threat import L2, Linf, ThreatModel, make_threat
 
 from benchkit_attacks.losses import LOSSES
-from benchkit_attacks.params import GradientMode, LossName, PGDSchedule
+from benchkit_attacks.params import EOTAverage, GradientMode, LossName, PGDSchedule
 
 Objective = Callable[[Tensor], tuple[Tensor, Tensor]]
 # callback(step, x_adv, loss, grad) after every gradient evaluation (adaptive attacks, logging).
@@ -142,6 +142,7 @@ class BPDAParams(PGDSchedule):
     steps: int = Field(50, ge=1)
     eot: int = Field(15, ge=1)
     loss: LossName = "ce"
+    eot_average: EOTAverage = "loss"
     iterate_samples: int = Field(0, ge=0, description=(
         "0: off. Else the paper's BPDA verdict (Hill et al. 2021's code as DiffPure ran it): every iterate "
         "is judged by the mean logits of the attack's EOT samples, and where those are wrong, re-judged by "
@@ -154,6 +155,7 @@ class PGDParams(PGDSchedule):
     """PGD-EOT with full gradients (Lee & Kim, ICCV 2023: 200 steps, 20 EOT samples)."""
 
     loss: LossName = "ce"
+    eot_average: EOTAverage = "loss"
     gradient: GradientMode = "exact"
 
 
@@ -173,7 +175,7 @@ class PGDEOT(GradientAttack):
         if judge is not None:
             callback = judge.after if self.callback is None else (
                 lambda *a: (judge.after(*a), self.callback(*a)))
-        out = pgd(lambda z: m.loss_and_grad(loss_fn, z, y, p.eot), x, self.threat, steps=p.steps,
+        out = pgd(lambda z: m.loss_and_grad(loss_fn, z, y, p.eot, average=p.eot_average), x, self.threat, steps=p.steps,
                   step_size=p.resolved_step(), noise=ctx.noise, restarts=p.restarts, random_init=p.random_start,
                   callback=callback)
         if judge is None:
