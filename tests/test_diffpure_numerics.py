@@ -26,12 +26,7 @@ def shared(fn):
     return fn
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")   # tiny tensors: one thread is faster
 
 
 class Fixed(Noise):

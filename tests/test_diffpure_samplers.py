@@ -16,12 +16,7 @@ from benchkit_diffpure.solver import integrate
 from diffpure_helpers import DiscreteGaussianScore, TinyConvScore
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")   # tiny tensors: one thread is faster
 
 
 BETAS = torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64)

@@ -16,13 +16,7 @@ from diffpure_helpers import DiscreteGaussianScore, GaussianScore, TinyConvScore
 SIGMA2 = [0.01, 0.05, 0.1, 0.5, 1.0]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread is faster than two on a shared 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")   # tiny tensors: one thread is faster
 
 
 # (1) Appendix B.5: for Gaussian data the reverse SDE's drift is linear in x, so the pathwise derivative

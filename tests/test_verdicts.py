@@ -171,8 +171,8 @@ def test_leaderboard_shows_the_attack_verdict_and_published_numbers_with_their_s
     suite["references"] = [
         {"classifier": "c", "defense": "d", "attack": "a", "standard": 89.02, "standard_std": 0.21, "robust": 70.64,
          "robust_std": 0.39, "source": "Table 1, row 'X'"},
-        {"label": "AWP (adv. training)", "classifier": "wrn", "standard": 88.25, "robust": 60.04,
-         "source": "Table 1, row 'AWP'"}]
+        {"label": "Wu et al. 2020 (adv. training)", "classifier": "wrn", "standard": 88.25, "robust": 62.11,
+         "source": "Table 1, row 'Wu et al.'"}]
     cell = store.ensure_cell("c/d/a", "h", "attack", "c", "d", "a", {}, ["rand", "standard"], 2, 1)
     prov = provenance.collect(torch.device("cpu"), "h", 0) | {"cell_ids": {"c/d/a": cell}, "cell_n": {"c/d/a": 2}}
     run_id = store.start_run("s", None, "h", suite, prov)
@@ -183,8 +183,8 @@ def test_leaderboard_shows_the_attack_verdict_and_published_numbers_with_their_s
     text = report.table(data_)
     row = next(line for line in text.splitlines() if line.startswith("c "))
     assert "50.00" in row and "89.02 ± 0.21 / 70.64 ± 0.39" in row
-    assert any("AWP (adv. training)" in line and "88.25" in line and "60.04" in line for line in text.splitlines())
+    assert any("Wu et al. 2020 (adv. training)" in line and "88.25" in line and "62.11" in line for line in text.splitlines())
     path = report.render_html(data_, tmp_path / "leaderboard.html")
     page = path.read_text()
     assert "attack&#39;s verdict" in page or "attack's verdict" in page
-    assert "70.64 ± 0.39" in page and "AWP (adv. training)" in page
+    assert "70.64 ± 0.39" in page and "Wu et al. 2020 (adv. training)" in page
