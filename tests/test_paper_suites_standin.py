@@ -90,7 +90,14 @@ def test_suite_runs_end_to_end_on_standin_assets(path, tmp_path, monkeypatch, pl
     assert len(cells) == n_cells
     assert f"{n_cells} cells" in err
     assert db.execute("SELECT COUNT(*) FROM failures").fetchone()[0] == 0
+    # The paper's verdict is stored beside ours wherever the attack gives one: AutoAttack always,
+    # BPDA+EOT with iterate_samples.
+    own_verdict = {a["id"] for a in raw["attacks"] if a["plugin"] == "autoattack"
+                   or (a["plugin"] == "bpda-eot" and a.get("params", {}).get("iterate_samples"))}
     for cell_id, key, _ in cells:
+        claimed = db.execute("SELECT COUNT(*), COUNT(attack_verdict) FROM examples WHERE cell_id = ?",
+                             (cell_id,)).fetchone()
+        assert claimed[1] == (claimed[0] if key.rsplit("/", 1)[1] in own_verdict else 0), (key, claimed)
         rows = db.execute("SELECT image_index, variant, clean_flags, adv_flags FROM examples WHERE cell_id = ?",
                           (cell_id,)).fetchall()
         assert {r[0] for r in rows} == {0, 1}, key
