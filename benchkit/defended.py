@@ -194,18 +194,7 @@ class DefendedModel(nn.Module):
                 (g,) = torch.autograd.grad(loss.sum(), xk)
             return loss.detach(), g
         sizes = self._chunks(x.shape[0], n_eff)
-        total, kept, start = None, [], 0
-        with torch.no_grad():
-            for k in sizes:
-                if isinstance(noise, ImageStreams):
-                    noise.bind(keys, range(start, start + k))
-                xr = x.repeat(k, *([1] * (x.dim() - 1))) if k > 1 else x
-                purified = self.purifier.purify(xr, gradient="none", noise=noise)
-                if self.gradient == "bpda":
-                    kept.append(purified)
-                logits = self.classifier(purified).view(k, x.shape[0], -1).sum(0)
-                total = logits if total is None else total + logits
-                start += k
+        total, kept = self._summed_logits(x, noise, keys, sizes, keep=self.gradient == "bpda")
         z_bar = (total / n_eff).requires_grad_(True)
         with torch.enable_grad():
             loss = loss_fn(z_bar, y)
@@ -226,9 +215,39 @@ class DefendedModel(nn.Module):
         return loss.detach(), grad
 
     @torch.no_grad()
-    def predict(self, x: Tensor, *, noise: Noise | None = None) -> Tensor:
-        """Predicted labels, one stochastic draw, no gradient machinery."""
+    def _summed_logits(self, x: Tensor, noise: Noise | None, keys, sizes: list[int],
+                       keep: bool = False) -> tuple[Tensor, list[Tensor]]:
+        """The logits summed over sum(sizes) EOT samples drawn in chunks of `sizes` copies ([B,
+        classes], no graph), and with keep the purified chunks too."""
+        total, kept, start = None, [], 0
+        for k in sizes:
+            if isinstance(noise, ImageStreams):
+                noise.bind(keys, range(start, start + k))
+            xr = x.repeat(k, *([1] * (x.dim() - 1))) if k > 1 else x
+            purified = self.purifier.purify(xr, gradient="none", noise=noise)
+            if keep:
+                kept.append(purified)
+            logits = self.classifier(purified).view(k, x.shape[0], -1).sum(0)
+            total = logits if total is None else total + logits
+            start += k
+        return total, kept
+
+    @torch.no_grad()
+    def mean_logits(self, x: Tensor, n: int, *, noise: Noise | None = None) -> Tensor:
+        """[B, classes] logits averaged over n purifications (one for a deterministic defense),
+        drawn like EOT samples, no gradient."""
+        n_eff = n if self.stochastic else 1
+        noise, keys = self._open(x, noise)
+        return self._summed_logits(x, noise, keys, self._chunks(x.shape[0], n_eff))[0] / n_eff
+
+    @torch.no_grad()
+    def logits(self, x: Tensor, *, noise: Noise | None = None) -> Tensor:
+        """Logits of one stochastic draw, no gradient machinery."""
         noise, keys = self._open(x, noise)
         if keys is not None:
             noise.bind(keys, range(1))
-        return self.classifier(self.purifier.purify(x, gradient="none", noise=noise)).argmax(1)
+        return self.classifier(self.purifier.purify(x, gradient="none", noise=noise))
+
+    def predict(self, x: Tensor, *, noise: Noise | None = None) -> Tensor:
+        """Predicted labels, one stochastic draw."""
+        return self.logits(x, noise=noise).argmax(1)

@@ -35,13 +35,6 @@ def _correct(model: DefendedModel, x: Tensor, y: Tensor, seeds: list[list[int]],
     single: one purification; mean-logits: the argmax of the logits averaged over the purifications;
     majority: the true label must have strictly more votes than any other (a tie is not correct)."""
     n, k = x.shape[0], len(seeds)
-    if k == 1 and aggregate == "single":
-        out = []
-        for s in range(0, n, batch_size):
-            noise = PerExampleNoise(seeds[0][s:s + batch_size])
-            with torch.inference_mode():
-                out.append(model.predict(x[s:s + batch_size], noise=noise) == y[s:s + batch_size])
-        return torch.cat(out).cpu()
     # All k purifications of all images as one stream of rows (sample-major), in batch_size chunks.
     rows = [(j, i) for j in range(k) for i in range(n)]
     total = None
@@ -50,14 +43,14 @@ def _correct(model: DefendedModel, x: Tensor, y: Tensor, seeds: list[list[int]],
         images = torch.tensor([i for _, i in chunk], device=x.device)
         noise = PerExampleNoise([seeds[j][i] for j, i in chunk])
         with torch.inference_mode():
-            logits = model.classifier(model.purifier.purify(x[images], gradient="none", noise=noise)).float()
+            logits = model.logits(x[images], noise=noise).float()
             if total is None:
                 total = logits.new_zeros((n, logits.shape[1]))
-            if aggregate == "mean-logits":
+            if aggregate != "majority":   # single: the sum of one purification's logits
                 total.index_add_(0, images, logits)
             else:
                 total.index_put_((images, logits.argmax(1)), torch.ones_like(images, dtype=total.dtype), accumulate=True)
-    if aggregate == "mean-logits":
+    if aggregate != "majority":
         return (total.argmax(1) == y).cpu()
     true = total.gather(1, y[:, None]).squeeze(1)
     others = total.scatter(1, y[:, None], float("-inf")).amax(1)

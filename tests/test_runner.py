@@ -11,12 +11,11 @@ import torch
 
 from benchkit.attack import Attack, AttackResult
 from benchkit.cli import main
-from benchkit.dataset import TensorDataset
 from benchkit.hookspecs import hookimpl
 from benchkit.params import Budget, Params
 from benchkit.threat import Linf
 from conftest import write
-from test_run import Nearest, blobs
+from test_run import blobs, local  # noqa: F401 - local is a fixture
 
 
 class HostileParams(Params):
@@ -60,22 +59,15 @@ class Hostile(Attack):
 
 class Plugin:
     @hookimpl
-    def register_datasets(self, register):
-        register("blobs", lambda p: TensorDataset(*blobs(), name="blobs", num_classes=3))
-
-    @hookimpl
-    def register_classifiers(self, register):
-        register("nearest", lambda p: Nearest())
-
-    @hookimpl
     def register_attacks(self, register):
         register("hostile", Hostile, params=HostileParams, threat=lambda p: Linf(p.eps))
 
 
 @pytest.fixture
-def hostile(plugin_manager):
+def hostile(local):
+    """test_run's blobs data and nearest classifier, plus the hostile attack."""
     from benchkit import registry
-    plugin_manager.register(Plugin(), name="hostile")
+    local.register(Plugin(), name="hostile")
     registry.reset()
 
 

@@ -14,6 +14,7 @@ import os
 import torch
 
 from benchkit.errors import BadInput
+from benchkit.evaluate import one_line
 from benchkit.resolve import Components, ResolvedSuite, resolve
 from benchkit.runner import Failed, Task, execute
 from benchkit.suite import Suite, resolved_dict, stable_hash
@@ -81,9 +82,8 @@ def cluster_device(flag: str | None, suite_device: str | None) -> torch.device:
 
 
 def _one_line(exc: BaseException) -> str:
-    cause = getattr(exc, "cause", None) or exc
-    text = " ".join(str(cause).split())
-    return f"{type(cause).__name__}: {text[:300]}"
+    """The task's own exception where Ray wraps it (RayTaskError.cause), as one line."""
+    return one_line(getattr(exc, "cause", None) or exc)
 
 
 class RayExecutor:

@@ -185,20 +185,6 @@ class PGDEOT(GradientAttack):
         return AttackResult(x_adv, stats=out.stats | judge.stats(), verdict=judge.defended.clone())
 
 
-def mean_logits(model: DefendedModel, x: Tensor, y: Tensor, n: int) -> Tensor:
-    """[B, classes] logits averaged over n purifications (no gradient), drawn like EOT samples."""
-    chunks: list[Tensor] = []
-
-    def capture(logits: Tensor, _y: Tensor) -> Tensor:
-        chunks.append(logits.detach().float())
-        return logits.new_zeros(logits.shape[0])
-
-    with torch.no_grad():
-        model.with_gradient("none").expectation(capture, x, y, n)
-    logits = torch.cat(chunks)
-    return logits.view(-1, x.shape[0], logits.shape[1]).mean(0)
-
-
 class IterateVerdict:
     """The paper's BPDA verdict, iterate by iterate (see BPDAParams.iterate_samples).
 
@@ -227,7 +213,7 @@ class IterateVerdict:
         if len(suspect) == 0:
             return
         self.evaluations += len(suspect)
-        wrong = mean_logits(self.model, x_adv[suspect], self.y[suspect], self.samples).argmax(1) != self.y[suspect]
+        wrong = self.model.mean_logits(x_adv[suspect], self.samples).argmax(1) != self.y[suspect]
         newly = suspect[wrong]
         self.defended[newly] = False
         self.breaking[newly] = x_adv[newly].detach()

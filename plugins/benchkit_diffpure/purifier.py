@@ -10,7 +10,7 @@ from benchkit.defended import Purifier
 from benchkit.noise import GLOBAL_NOISE, Noise, PerExampleNoise, derive_seed
 from benchkit_diffpure import sde
 from benchkit_diffpure.score import ScoreModel
-from benchkit_diffpure.solver import DISCRETE_SAMPLERS, SAMPLERS, integrate
+from benchkit_diffpure.solver import DISCRETE_SAMPLERS, SAMPLERS, default_steps, integrate
 
 
 class DiffPure(Purifier):
@@ -74,9 +74,7 @@ class DiffPure(Purifier):
         self.gradient_modes = ("exact", "bpda", "none") if sampler in DISCRETE_SAMPLERS else \
             ("exact", "adjoint", "bpda", "none")
         t_max = t_star + (t_delta if t_delta_mode == "per-image" else 0.0)
-        self.n_steps = max(1, round(t_max / dt))
-        if sampler in DISCRETE_SAMPLERS:  # at most one step per level
-            self.n_steps = min(self.n_steps, round(t_max * sde.DISCRETE_STEPS))
+        self.n_steps = default_steps(sampler, t_max, dt)
 
     def _grid(self, t: Tensor) -> Tensor:
         if not self.discrete:

@@ -64,6 +64,12 @@ def solver_gradients(sampler: str) -> tuple[str, ...]:
     return SOLVER_GRADIENTS if sampler in CONTINUOUS_SAMPLERS else ("none", "exact", "autograd")
 
 
+def default_steps(sampler: str, t_max: float, dt: float) -> int:
+    """N = round(t_max/dt) steps, for ddpm / ddim at most one per level of the chain (t_max 1000)."""
+    n = max(1, round(t_max / dt))
+    return min(n, round(t_max * sde.DISCRETE_STEPS)) if sampler in DISCRETE_SAMPLERS else n
+
+
 def _col(v: Tensor, x: Tensor) -> Tensor:
     """A per-image [B] value as [B, 1, ...] against x."""
     return v.view(-1, *([1] * (x.dim() - 1)))
@@ -277,10 +283,7 @@ def integrate(model: ScoreModel, x: Tensor, t_star: Tensor | float, *, sampler: 
     noise = noise or GLOBAL_NOISE
     t_star = torch.as_tensor(t_star, dtype=x.dtype, device=x.device).expand(x.shape[0]).contiguous()
     if n_steps is None:
-        t_max = float(t_star.max())
-        n_steps = max(1, round(t_max / dt))
-        if sampler in DISCRETE_SAMPLERS:
-            n_steps = min(n_steps, round(t_max * sde.DISCRETE_STEPS))
+        n_steps = default_steps(sampler, float(t_star.max()), dt)
     if sampler in DISCRETE_SAMPLERS:
         field = DiscreteChain(model, sampler, t_star, n_steps, ddim_eta)
     else:
