@@ -14,6 +14,7 @@ from torch import Tensor, nn
 
 from benchkit.defended import DefendedModel
 from benchkit.noise import Noise
+from benchkit.protocol import Protocol
 
 # What an attack maximises: the classifier's error, or something else (e.g. a purifier's
 # reconstruction error), in which case checks that expect misclassification do not apply.
@@ -34,6 +35,10 @@ class AttackResult:
     # AutoAttack's robust flags during its run. Stored and shown beside the host's verdict so a
     # published number can be compared like for like; never used for benchkit's own numbers.
     verdict: Tensor | None = None
+    # Per image, the iteration that produced its example (0: the attack's starting point, counted
+    # across restarts), for attacks that keep each image's best iterate under the verification
+    # protocol (AttackContext.protocol). Stored with the host's re-verification of that example.
+    iteration: Tensor | None = None
 
 
 @dataclass
@@ -43,13 +48,16 @@ class AttackContext:
     `noise` holds one random stream per image (row r of a draw of B rows belongs to image r):
     an attack draws its own randomness (random starts, ...) there, so an image's result does not
     depend on which other images share its batch. `seed` is per (cell, variant), for libraries
-    that only take one seed. `undefended` is the bare classifier (transfer attacks).
+    that only take one seed. `undefended` is the bare classifier (transfer attacks). `protocol` is
+    the suite's verification protocol, for attacks that judge their own iterates the way the host
+    will judge the returned example (with their own noise: the host's verification seeds are its own).
     """
     device: torch.device
     seed: int
     noise: Noise
     undefended: nn.Module | None = None
     batch_size: int = 64
+    protocol: Protocol = field(default_factory=Protocol)
 
 
 class Attack:

@@ -59,6 +59,12 @@ class Identity(Purifier):
 LossFn = Callable[[Tensor, Tensor], Tensor]
 
 
+def _repeat(y: Tensor, k: int) -> Tensor:
+    """k copies of the labels along the batch (repeat-major, like the EOT copies); labels may carry
+    more than one column per image (e.g. true and target class)."""
+    return y.repeat(k, *([1] * (y.dim() - 1)))
+
+
 class DefendedModel(nn.Module):
     """classifier(purifier(x)) with a chosen gradient mode and batched EOT.
 
@@ -97,6 +103,12 @@ class DefendedModel(nn.Module):
         """The same purifier, gradient mode and noise in front of another head (e.g. a loss on the
         purified image itself)."""
         return self._view(classifier=classifier)
+
+    def with_purifier(self, purifier: Purifier) -> "DefendedModel":
+        """Another purifier (e.g. the defense's cheaper surrogate) in front of the same classifier,
+        with the same noise; its own gradient modes decide whether this model's mode carries over."""
+        gradient = self.gradient if self.gradient in purifier.gradient_modes else "exact"
+        return self._view(purifier=purifier, gradient=gradient)
 
     def for_images(self, x: Tensor, seeds: list[int]) -> "DefendedModel":
         """This model with one noise stream per image of x (seeded by `seeds`), whatever rows, copies
@@ -143,7 +155,7 @@ class DefendedModel(nn.Module):
         start = 0
         for k in self._chunks(x.shape[0], n_eff):
             logits = self._copies(x, keys, noise, start, k)
-            total = total + loss_fn(logits, y.repeat(k)).view(k, -1).sum(0)
+            total = total + loss_fn(logits, _repeat(y, k)).view(k, -1).sum(0)
             start += k
         return total / n_eff
 
@@ -159,6 +171,17 @@ class DefendedModel(nn.Module):
             return self._mean_logits_loss_and_grad(loss_fn, x, y, n, noise)
         if average != "loss":
             raise ValueError(f"average must be 'loss' or 'logits', not {average!r}")
+        b = x.shape[0]
+        return self.eot_loss_and_grad(
+            lambda xr, noise: loss_fn(self.classifier(self.purifier.purify(xr, gradient=self.gradient, noise=noise)),
+                                      _repeat(y, xr.shape[0] // b)), x, n, noise=noise)
+
+    def eot_loss_and_grad(self, row_loss: Callable[[Tensor, Noise | None], Tensor], x: Tensor, n: int, *,
+                          noise: Noise | None = None) -> tuple[Tensor, Tensor]:
+        """The mean over n EOT samples of any per-row loss of stacked copies of x and its gradient
+        w.r.t. x: row_loss(x_copies, noise) gets k copies of the batch (repeat-major) and the noise bound
+        to them, and returns one value per row (e.g. a loss on the purifier's intermediate states).
+        One backward per chunk, so memory is bounded by the chunk, not by n."""
         x = x.detach()
         n_eff = n if self.stochastic else 1
         loss_total = x.new_zeros(x.shape[0])
@@ -167,8 +190,11 @@ class DefendedModel(nn.Module):
         start = 0
         for k in self._chunks(x.shape[0], n_eff):
             xk = x.clone().requires_grad_(True)
+            if isinstance(noise, ImageStreams):
+                noise.bind(keys, range(start, start + k))
             with torch.enable_grad():
-                loss = loss_fn(self._copies(xk, keys, noise, start, k), y.repeat(k))
+                xr = xk.repeat(k, *([1] * (x.dim() - 1))) if k > 1 else xk
+                loss = row_loss(xr, noise)
                 (g,) = torch.autograd.grad(loss.sum(), xk)
             loss_total += loss.detach().view(k, -1).sum(0)
             grad_total += g
@@ -215,21 +241,26 @@ class DefendedModel(nn.Module):
         return loss.detach(), grad
 
     @torch.no_grad()
-    def _summed_logits(self, x: Tensor, noise: Noise | None, keys, sizes: list[int],
-                       keep: bool = False) -> tuple[Tensor, list[Tensor]]:
-        """The logits summed over sum(sizes) EOT samples drawn in chunks of `sizes` copies ([B,
-        classes], no graph), and with keep the purified chunks too."""
-        total, kept, start = None, [], 0
+    def _sample_chunks(self, x: Tensor, noise: Noise | None, keys, sizes: list[int]):
+        """(purified [k B, ...], logits [k, B, classes]) per chunk of `sizes` EOT copies, no graph."""
+        start = 0
         for k in sizes:
             if isinstance(noise, ImageStreams):
                 noise.bind(keys, range(start, start + k))
             xr = x.repeat(k, *([1] * (x.dim() - 1))) if k > 1 else x
             purified = self.purifier.purify(xr, gradient="none", noise=noise)
+            yield purified, self.classifier(purified).view(k, x.shape[0], -1)
+            start += k
+
+    def _summed_logits(self, x: Tensor, noise: Noise | None, keys, sizes: list[int],
+                       keep: bool = False) -> tuple[Tensor, list[Tensor]]:
+        """The logits summed over sum(sizes) EOT samples drawn in chunks of `sizes` copies ([B,
+        classes], no graph), and with keep the purified chunks too."""
+        total, kept = None, []
+        for purified, logits in self._sample_chunks(x, noise, keys, sizes):
             if keep:
                 kept.append(purified)
-            logits = self.classifier(purified).view(k, x.shape[0], -1).sum(0)
-            total = logits if total is None else total + logits
-            start += k
+            total = logits.sum(0) if total is None else total + logits.sum(0)
         return total, kept
 
     @torch.no_grad()
@@ -239,6 +270,14 @@ class DefendedModel(nn.Module):
         n_eff = n if self.stochastic else 1
         noise, keys = self._open(x, noise)
         return self._summed_logits(x, noise, keys, self._chunks(x.shape[0], n_eff))[0] / n_eff
+
+    @torch.no_grad()
+    def sample_logits(self, x: Tensor, n: int, *, noise: Noise | None = None) -> Tensor:
+        """[n, B, classes]: the logits of n purifications of x (one for a deterministic defense),
+        drawn like EOT samples in large batches, no gradient."""
+        n_eff = n if self.stochastic else 1
+        noise, keys = self._open(x, noise)
+        return torch.cat([lg for _, lg in self._sample_chunks(x, noise, keys, self._chunks(x.shape[0], n_eff))])
 
     @torch.no_grad()
     def logits(self, x: Tensor, *, noise: Noise | None = None) -> Tensor:

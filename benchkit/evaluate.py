@@ -20,6 +20,7 @@ from benchkit import png
 from benchkit.attack import Attack, AttackContext, AttackResult
 from benchkit.defended import DefendedModel, Purifier
 from benchkit.noise import PerExampleNoise, derive_seed
+from benchkit.protocol import Protocol, decide, tally
 from benchkit.resolve import Cell, Components, ResolvedSuite
 from benchkit.suite import VerdictSpec
 from benchkit.threat import ThreatModel
@@ -31,9 +32,8 @@ class CellFailure(Exception):
 
 def _correct(model: DefendedModel, x: Tensor, y: Tensor, seeds: list[list[int]], batch_size: int,
              aggregate: str = "single") -> Tensor:
-    """One verdict per image (bool, on the CPU): seeds[s][i] seeds image i's s-th purification.
-    single: one purification; mean-logits: the argmax of the logits averaged over the purifications;
-    majority: the true label must have strictly more votes than any other (a tie is not correct)."""
+    """One verdict per image (bool, on the CPU): seeds[s][i] seeds image i's s-th purification,
+    combined by the protocol's `aggregate` (benchkit.protocol)."""
     n, k = x.shape[0], len(seeds)
     # All k purifications of all images as one stream of rows (sample-major), in batch_size chunks.
     rows = [(j, i) for j in range(k) for i in range(n)]
@@ -46,15 +46,8 @@ def _correct(model: DefendedModel, x: Tensor, y: Tensor, seeds: list[list[int]],
             logits = model.logits(x[images], noise=noise).float()
             if total is None:
                 total = logits.new_zeros((n, logits.shape[1]))
-            if aggregate != "majority":   # single: the sum of one purification's logits
-                total.index_add_(0, images, logits)
-            else:
-                total.index_put_((images, logits.argmax(1)), torch.ones_like(images, dtype=total.dtype), accumulate=True)
-    if aggregate != "majority":
-        return (total.argmax(1) == y).cpu()
-    true = total.gather(1, y[:, None]).squeeze(1)
-    others = total.scatter(1, y[:, None], float("-inf")).amax(1)
-    return (true > others).cpu()
+            total.index_add_(0, images, tally(logits, aggregate))
+    return decide(total, y, aggregate).cpu()
 
 
 def _flags(columns: list[Tensor]) -> list[str]:
@@ -100,6 +93,13 @@ def check_result(result: object, x: Tensor, threat: ThreatModel) -> tuple[Tensor
                                     and (verdict.dtype == torch.bool or bool(((verdict == 0) | (verdict == 1)).all()))):
         raise CellFailure(f"verdict must be a tensor of {x.shape[0]} booleans (robust per image), got "
                           f"{type(verdict).__name__}{' of shape ' + str(tuple(verdict.shape)) if isinstance(verdict, Tensor) else ''}")
+    iteration = result.iteration
+    if iteration is not None and not (isinstance(iteration, Tensor) and tuple(iteration.shape) == (x.shape[0],)
+                                      and not iteration.is_floating_point() and iteration.dtype != torch.bool
+                                      and bool((iteration >= 0).all())):
+        raise CellFailure(f"iteration must be a tensor of {x.shape[0]} non-negative integers (the iteration that "
+                          f"produced each example), got {type(iteration).__name__}"
+                          f"{' ' + str(iteration.dtype) + ' of shape ' + str(tuple(iteration.shape)) if isinstance(iteration, Tensor) else ''}")
     x_adv = x_adv.detach()
     extra = {k: v.detach() for k, v in extra.items()}
     problems = threat.violations(x, x_adv, extra)
@@ -185,11 +185,18 @@ def strip_samples(purifier: Purifier, seed: int, cell: Cell, indices: Sequence[i
 @dataclass
 class ShardResult:
     # (image_index, variant, label, clean_flags, adv_flags or None, distance or None,
-    #  the attack's own verdict: 1 robust / 0 broken / None)
+    #  the attack's own verdict: 1 robust / 0 broken / None, the iteration that produced the example or None)
     rows: list[tuple]
     stats: dict
     seconds: float
     samples: list[tuple] = field(default_factory=list)   # (image_index, frame, label, png): see strip_samples
+
+
+def attack_context(resolved: ResolvedSuite, comps: Components, cell: Cell) -> dict:
+    """What every attack of a cell is told beyond its images (AttackContext's shared fields)."""
+    ev = resolved.suite.eval
+    return {"device": comps.device, "undefended": comps.classifiers[cell.classifier.id], "batch_size": ev.batch_size,
+            "protocol": Protocol(ev.repeats, ev.verdict.aggregate, ev.verdict.samples)}
 
 
 def _clean(resolved: ResolvedSuite, comps: Components, cell: Cell, model: DefendedModel, x: Tensor, y: Tensor,
@@ -216,11 +223,10 @@ def evaluate_shard(resolved: ResolvedSuite, comps: Components, cell: Cell, indic
     model = comps.defended(cell, attack)   # clean verdicts predict without gradients: any mode serves
     clean_flags = _clean(resolved, comps, cell, model, x, y, indices)
     if attack is None:
-        rows = [(int(idx), "", int(y[k]), clean_flags[k], None, None, None) for k, idx in enumerate(indices)]
+        rows = [(int(idx), "", int(y[k]), clean_flags[k], None, None, None, None) for k, idx in enumerate(indices)]
         return ShardResult(rows, {}, time.perf_counter() - t0)
     threat = resolved.threats[cell.attack.id]
-    ctx_base = {"device": device, "undefended": comps.classifiers[cell.classifier.id],
-                "batch_size": suite.eval.batch_size}
+    ctx_base = attack_context(resolved, comps, cell)
     rows, stats, samples = [], {}, None
     for variant, x_adv, extra, result in run_attack(model, attack, threat, x, y, indices, ctx_base,
                                                     (suite.seed, cell.key)):
@@ -230,8 +236,10 @@ def evaluate_shard(resolved: ResolvedSuite, comps: Components, cell: Cell, indic
         adv_flags = verdicts(model, x_adv, y, indices, (suite.seed, cell.key, variant, "adv"), suite.eval.repeats,
                              suite.eval.batch_size, suite.eval.verdict)
         claimed = [None] * len(indices) if result.verdict is None else result.verdict.cpu().int().tolist()
+        found = [None] * len(indices) if result.iteration is None else result.iteration.cpu().tolist()
         for k, idx in enumerate(indices):
-            rows.append((int(idx), variant, int(y[k]), clean_flags[k], adv_flags[k], float(distance[k]), claimed[k]))
+            rows.append((int(idx), variant, int(y[k]), clean_flags[k], adv_flags[k], float(distance[k]), claimed[k],
+                         found[k]))
         stats.update({f"{variant}.{k}" if variant else k: v for k, v in (result.stats or {}).items()
                       if isinstance(v, (int, float))})
     return ShardResult(rows, stats, time.perf_counter() - t0, samples or [])

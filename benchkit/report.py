@@ -13,6 +13,7 @@ import markupsafe
 from tabulate import tabulate
 
 from benchkit import metrics, plots
+from benchkit.checks import gradient_note
 from benchkit.store import Store
 
 TEMPLATES = Path(__file__).resolve().parent.parent / "templates"
@@ -185,7 +186,7 @@ def worst_case_groups(store: Store, rows: list[dict]) -> list[dict]:
 
 def table(data: dict, fmt: str = "table") -> str:
     headers = ["classifier", "defense", "attack", "n", "clean %", "robust %", "robust worst-of-N", "robust majority",
-               "attack's verdict %", "published std / robust %", "checks"]
+               "attack's verdict %", "published std / robust %", "gradient", "checks"]
     body = []
     for r in data["rows"]:
         failed = [c["name"] for c in r["checks"] if c["status"] == "fail"]
@@ -200,15 +201,15 @@ def table(data: dict, fmt: str = "table") -> str:
                      _fmt(r["robust"]), _fmt(r["robust"], False) if r["robust"] is None else f"{r['robust'].worst:.2f}",
                      "-" if r["robust"] is None else f"{r['robust'].majority:.2f}", verdict_text(r.get("attack_verdict")),
                      "" if paper is None else f"{published(paper, 'standard') or '-'} / {published(paper, 'robust') or '-'}",
-                     flag])
+                     gradient_note(r["checks"]), flag])
     for g in data["groups"]:
         body.append([g["classifier"], g["defense"], f"worst of {g['attacks']} attacks", g["robust"].n, _fmt(g["clean"]),
-                     _fmt(g["robust"]), f"{g['robust'].worst:.2f}", f"{g['robust'].majority:.2f}", "", "", ""])
+                     _fmt(g["robust"]), f"{g['robust'].worst:.2f}", f"{g['robust'].majority:.2f}", "", "", "", ""])
     for g in data.get("split", []):
         body.append([g["classifier"], g["defense"], "none (whole split)", f"{g['n']}/{g['n_expected']}", _fmt(g["clean"]),
-                     "", "", "", "", "", "FAILED: " + g["failures"][0] if g["failures"] else ("" if g["complete"] else g["status"])])
+                     "", "", "", "", "", "", "FAILED: " + g["failures"][0] if g["failures"] else ("" if g["complete"] else g["status"])])
     for ref in data["references"]:
-        body.append([*reference_name(ref), "", published(ref, "standard"), published(ref, "robust"), "", "", "", "",
+        body.append([*reference_name(ref), "", published(ref, "standard"), published(ref, "robust"), "", "", "", "", "",
                      ref["source"]])
     if fmt == "json":
         return json.dumps(as_json(data), indent=2)
@@ -239,7 +240,8 @@ def environment() -> jinja2.Environment:
     env = jinja2.Environment(loader=jinja2.FileSystemLoader(str(TEMPLATES)),
                              autoescape=jinja2.select_autoescape(["html", "xml"]), undefined=jinja2.StrictUndefined)
     env.filters["acc"] = _fmt
-    env.globals.update(published=published, reference_name=reference_name, verdict_text=verdict_text)
+    env.globals.update(published=published, reference_name=reference_name, verdict_text=verdict_text,
+                       gradient_note=gradient_note)
     env.filters["chart"] = lambda c: markupsafe.Markup(plots.line_chart(
         c["series"], title=c["title"], x_label=c["x_label"], y_label="accuracy (%)", y_range=(0, 100)))
     env.filters["png_uri"] = lambda b: "data:image/png;base64," + base64.b64encode(b).decode()

@@ -101,6 +101,9 @@ MIGRATIONS: list[tuple[str, str]] = [
     # The attack's own verdict per example (1 robust, 0 broken, NULL: the attack gives none), e.g.
     # AutoAttack's robust flags: what a paper reports, kept beside the host's re-evaluation.
     ("0006_attack_verdict", "ALTER TABLE examples ADD COLUMN attack_verdict INTEGER"),
+    # Which iteration of the attack produced the stored example (attacks that keep each image's best
+    # iterate under the verification protocol say so); NULL: the attack does not say.
+    ("0007_iteration", "ALTER TABLE examples ADD COLUMN iteration INTEGER"),
 ]
 
 
@@ -193,7 +196,7 @@ class Store:
 
     def commit_shard(self, cell_id: int, run_id: int, rows: Iterable[tuple], seconds: float, stats: dict,
                      samples: Iterable[tuple] = ()) -> None:
-        """rows: (image_index, variant, label, clean_flags, adv_flags, distance, attack_verdict);
+        """rows: (image_index, variant, label, clean_flags, adv_flags, distance, attack_verdict, iteration);
         samples: (image_index, frame, label, png bytes). All or nothing."""
         rows = list(rows)
         with self.transaction():
@@ -203,7 +206,7 @@ class Store:
                                 [(cell_id, *s) for s in samples])
             self.db.executemany(
                 "INSERT INTO examples (cell_id, image_index, variant, label, clean_flags, adv_flags, distance,"
-                " attack_verdict) VALUES (?,?,?,?,?,?,?,?)", [(cell_id, *r) for r in rows])
+                " attack_verdict, iteration) VALUES (?,?,?,?,?,?,?,?,?)", [(cell_id, *r) for r in rows])
             self.db.execute(
                 "INSERT INTO shards (cell_id, shard, run_id, first_index, n, seconds, stats_json, committed)"
                 " VALUES (?,?,?,?,?,?,?,?)",

@@ -218,7 +218,8 @@ def test_hook_registers_every_attack_with_threat_and_gradient() -> None:
     got = {}
     pm.hook.register_attacks(register=lambda id, factory, params, threat, description:
                              got.__setitem__(id, (factory, params, threat)))
-    assert set(got) == {"stadv", "bpda-eot", "pgd-eot", "diffusion-mse", "transfer", "square"}
+    assert set(got) >= {"stadv", "bpda-eot", "pgd-eot", "diffusion-mse", "transfer", "square", "diffattack",
+                        "diffhammer", "lowfreq"}
 
     def make(id: str, **p: object) -> tuple[Attack, ThreatModel]:
         factory, params, threat = got[id]
@@ -359,7 +360,7 @@ def test_callback_sees_every_step(cnn, data) -> None:
     attack, seen = build("pgd-eot", eps=0.1, steps=4, restarts=2), []
     attack.callback = lambda step, x_adv, loss, grad: seen.append((step, loss.shape, grad.shape))
     run(DefendedModel(cnn), attack, x, y)
-    assert [s for s, _, _ in seen] == [0, 1, 2, 3, 4] * 2
+    assert [s for s, _, _ in seen] == list(range(10))   # counted across restarts
     assert all(ls == (x.shape[0],) and gs == x.shape for _, ls, gs in seen)
 
 

@@ -45,9 +45,12 @@ def test_shards_commit_whole_and_images_resume(tmp_path):
     run = store.start_run("s", None, "h", {}, {})
     cell = store.ensure_cell("a/b/c", "h1", "attack", "a", "b", "c", {}, [""], 4, 1)
     assert store.ensure_cell("a/b/c", "h1", "attack", "a", "b", "c", {}, [""], 6, 1) == cell   # same cell, new n
-    store.commit_shard(cell, run, [(0, "", 1, "1", "0", 0.1, None), (1, "", 2, "1", "1", 0.1, 1)], 1.0, {"k": 1})
+    store.commit_shard(cell, run, [(0, "", 1, "1", "0", 0.1, None, None), (1, "", 2, "1", "1", 0.1, 1, 7)], 1.0,
+                       {"k": 1})
     with pytest.raises(sqlite3.IntegrityError):   # a duplicate row: nothing of this shard is kept
-        store.commit_shard(cell, run, [(2, "", 1, "1", "0", 0.1, None), (1, "", 2, "1", "1", 0.1, None)], 1.0, {})
+        store.commit_shard(cell, run, [(2, "", 1, "1", "0", 0.1, None, None), (1, "", 2, "1", "1", 0.1, None, None)],
+                           1.0, {})
     assert store.stored_images(cell) == {0, 1}
+    assert [(r["attack_verdict"], r["iteration"]) for r in store.examples(cell)] == [(None, None), (1, 7)]
     assert [s["shard"] for s in store.shards(cell)] == [0]
     assert store.cell(cell)["n_images"] == 6

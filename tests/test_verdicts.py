@@ -176,8 +176,8 @@ def test_leaderboard_shows_the_attack_verdict_and_published_numbers_with_their_s
     cell = store.ensure_cell("c/d/a", "h", "attack", "c", "d", "a", {}, ["rand", "standard"], 2, 1)
     prov = provenance.collect(torch.device("cpu"), "h", 0) | {"cell_ids": {"c/d/a": cell}, "cell_n": {"c/d/a": 2}}
     run_id = store.start_run("s", None, "h", suite, prov)
-    store.commit_shard(cell, run_id, [(0, "rand", 1, "1", "1", 0.0, 1), (1, "rand", 1, "1", "0", 0.0, 0),
-                                      (0, "standard", 1, "1", "1", 0.0, 1), (1, "standard", 1, "1", "1", 0.0, 1)],
+    store.commit_shard(cell, run_id, [(0, "rand", 1, "1", "1", 0.0, 1, None), (1, "rand", 1, "1", "0", 0.0, 0, None),
+                                      (0, "standard", 1, "1", "1", 0.0, 1, None), (1, "standard", 1, "1", "1", 0.0, 1, None)],
                        1.0, {})
     data_ = report.collect(store)
     text = report.table(data_)

@@ -15,8 +15,28 @@ GradientMode = Literal["exact", "adjoint"]
 # What EOT averages: the samples' losses, or their logits before one loss (Hill et al. 2021's
 # BPDA+EOT code, which DiffPure's BPDA evaluation runs: eot_attack_ave 'logits').
 EOTAverage = Literal["loss", "logits"]
+# Which iterate an attack returns per image: the one with the highest EOT loss, or the one the suite's
+# verification protocol judges best (fewest correct verdicts, DiffHammer's N-evaluation), re-judged with
+# fresh purifications every `select_every` steps.
+Select = Literal["loss", "protocol"]
+# Who decides an attack's target class (targeted mode): a uniform other class per image, the clean
+# prediction's least likely class, or its most likely wrong class (AutoAttack's first target).
+TargetChoice = Literal["random", "least-likely", "second"]
 
 
+class SurrogateSpec(Params):
+    """A cheaper stand-in for the defense that the attack differentiates (the host verifies on the
+    real one), as the defense offers it: DiffPure's `fewer-steps` solver (Lee & Kim 2023's surrogate
+    process) or `forward-only` (the gradient of the forward noising alone)."""
+
+    kind: Literal["fewer-steps", "forward-only"]
+    steps: int | None = Field(None, ge=1, description="solver steps of the fewer-steps surrogate")
+
+    @model_validator(mode="after")
+    def _steps(self) -> "SurrogateSpec":
+        if (self.kind == "fewer-steps") != (self.steps is not None):
+            raise PydanticCustomError("surrogate_steps", "steps is required for fewer-steps and not allowed for forward-only")
+        return self
 
 
 
@@ -40,6 +60,8 @@ class PGDSchedule(NormBudget):
     eot: int = Field(20, ge=1)
     restarts: int = Field(1, ge=1)
     random_start: bool = True
+    select: Select = "loss"
+    select_every: int = Field(1, ge=1, description="with select: protocol, judge every this many steps")
 
     def resolved_step(self) -> float:
         return self.step_size if self.step_size is not None else self.eps / 4

@@ -10,7 +10,8 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
+from pydantic_core import PydanticCustomError
 from torch import Tensor
 
 from benchkit.attack import Attack, AttackContext, AttackResult
@@ -18,12 +19,23 @@ from benchkit.defended import DefendedModel
 from benchkit.noise import Noise
 from benchkit.threat import L2, Linf, ThreatModel, make_threat
 
+from benchkit_attacks.iterates import BestIterate
 from benchkit_attacks.losses import LOSSES
-from benchkit_attacks.params import EOTAverage, GradientMode, LossName, PGDSchedule
+from benchkit_attacks.params import EOTAverage, GradientMode, LossName, PGDSchedule, SurrogateSpec, TargetChoice
+from benchkit_attacks.targets import choose_targets, targeted_objective
 
 Objective = Callable[[Tensor], tuple[Tensor, Tensor]]
-# callback(step, x_adv, loss, grad) after every gradient evaluation (adaptive attacks, logging).
+# callback(step, x_adv, loss, grad) after every gradient evaluation (adaptive attacks, logging); step
+# counts evaluations across restarts (restart r's step t is r (steps + 1) + t).
 Callback = Callable[[int, Tensor, Tensor, Tensor], None]
+
+
+def chain(*callbacks: Callback | None) -> Callback | None:
+    """One callback calling each given one in order (None: none given)."""
+    cbs = [c for c in callbacks if c is not None]
+    if len(cbs) <= 1:
+        return cbs[0] if cbs else None
+    return lambda *a: [c(*a) for c in cbs] and None
 
 
 def _per_image(v: Tensor, x: Tensor) -> Tensor:
@@ -91,14 +103,14 @@ def pgd(objective: Objective, x: Tensor, threat: ThreatModel, *, steps: int, ste
     x = x.detach()
     best_x, best_loss = x.clone(), torch.full((x.shape[0],), float("-inf"), device=x.device)
     stats = GradStats(x.shape[0], x.device)
-    for _ in range(restarts):
+    for r in range(restarts):
         x_adv = random_start(threat, x, noise) if random_init else x.clone()
         # steps + 1 evaluations: the last one scores the final iterate.
         for t in range(steps + 1):
             loss, g = objective(x_adv)
             loss, g = loss.detach(), stats.update(g.detach())
             if callback is not None:
-                callback(t, x_adv, loss, g)
+                callback(r * (steps + 1) + t, x_adv, loss, g)
             better = torch.isfinite(loss) & (loss > best_loss)
             best_x[better], best_loss[better] = x_adv[better], loss[better]
             if t < steps:
@@ -129,11 +141,34 @@ class GradientAttack(Attack):
         return over
 
     def view(self, model: DefendedModel) -> DefendedModel:
+        """The model this attack differentiates: the defense in the attack's gradient mode, or the
+        cheaper surrogate the defense offers (params.surrogate). Verdicts stay on `model` itself."""
         # The host should already pass the model in self.gradient; re-viewing keeps the attack honest
         # when it does not (transfer clears self.gradient to use its surrogate as it is).
-        if self.gradient is None or model.gradient == self.gradient:
+        if self.gradient is not None and model.gradient != self.gradient:
+            model = model.with_gradient(self.gradient)
+        spec = getattr(self.params, "surrogate", None)
+        if spec is None:
             return model
-        return model.with_gradient(self.gradient)
+        make = getattr(model.purifier, "surrogate", None)
+        if make is None:
+            raise ValueError(f"{type(model.purifier).__name__} offers no surrogate, so '{spec.kind}' cannot stand in for it")
+        return model.with_purifier(make(spec.kind, **({"steps": spec.steps} if spec.steps is not None else {})))
+
+    def selector(self, model: DefendedModel, x: Tensor, y: Tensor, ctx: AttackContext) -> BestIterate | None:
+        """With select: protocol, the tracker of each image's best iterate on the real defense."""
+        if self.params.select != "protocol":
+            return None
+        return BestIterate(model, x, y, ctx.protocol, self.params.select_every)
+
+
+def with_best(result: AttackResult, best: BestIterate | None) -> AttackResult:
+    """The result with each image's best iterate under the protocol, when the attack kept them."""
+    if best is None:
+        return result
+    result.x_adv, result.iteration, result.verdict = best.examples, best.iteration.clone(), best.robust.clone()
+    result.stats = result.stats | best.stats()
+    return result
 
 
 class BPDAParams(PGDSchedule):
@@ -150,6 +185,13 @@ class BPDAParams(PGDSchedule):
         "(DiffPure: 150 on CIFAR-10, 20 on CelebA-HQ). Returned as the attack's verdict; a broken image's "
         "example is the first iterate that broke it"))
 
+    @model_validator(mode="after")
+    def _one_selection(self) -> "BPDAParams":
+        if self.iterate_samples and self.select == "protocol":
+            raise PydanticCustomError("select", "iterate_samples (the paper's BPDA verdict) and select: protocol "
+                                                "both choose the returned iterate: use one")
+        return self
+
 
 class PGDParams(PGDSchedule):
     """PGD-EOT with full gradients (Lee & Kim, ICCV 2023: 200 steps, 20 EOT samples)."""
@@ -157,6 +199,9 @@ class PGDParams(PGDSchedule):
     loss: LossName = "ce"
     eot_average: EOTAverage = "loss"
     gradient: GradientMode = "exact"
+    surrogate: SurrogateSpec | None = Field(None, description="differentiate a cheaper stand-in of the defense")
+    targeted: TargetChoice | None = Field(None, description="targeted mode: maximise the target class (chosen per "
+                                                            "image, see TargetChoice); None: untargeted")
 
 
 class PGDEOT(GradientAttack):
@@ -170,16 +215,19 @@ class PGDEOT(GradientAttack):
         m, p = self.view(model), self.params
         samples = getattr(p, "iterate_samples", 0)
         judge = IterateVerdict(m, x, y, samples) if samples else None
-        loss_fn = judge.capturing(self.loss_fn) if judge else self.loss_fn
-        callback = self.callback
-        if judge is not None:
-            callback = judge.after if self.callback is None else (
-                lambda *a: (judge.after(*a), self.callback(*a)))
-        out = pgd(lambda z: m.loss_and_grad(loss_fn, z, y, p.eot, average=p.eot_average), x, self.threat, steps=p.steps,
-                  step_size=p.resolved_step(), noise=ctx.noise, restarts=p.restarts, random_init=p.random_start,
-                  callback=callback)
+        best = self.selector(model, x, y, ctx)
+        loss_fn, labels = self.loss_fn, y
+        if getattr(p, "targeted", None):
+            clean = model.mean_logits(x, p.eot)   # the clean prediction on the real defense
+            target = choose_targets(clean, y, clean.shape[1], p.targeted, ctx.noise)
+            loss_fn, labels = targeted_objective(p.loss, y, target)
+        loss_fn = judge.capturing(loss_fn) if judge else loss_fn
+        callback = chain(judge.after if judge else None, best, self.callback)
+        out = pgd(lambda z: m.loss_and_grad(loss_fn, z, labels, p.eot, average=p.eot_average), x, self.threat,
+                  steps=p.steps, step_size=p.resolved_step(), noise=ctx.noise, restarts=p.restarts,
+                  random_init=p.random_start, callback=callback)
         if judge is None:
-            return AttackResult(out.x_adv, stats=out.stats)
+            return with_best(AttackResult(out.x_adv, stats=out.stats), best)
         broken = ~judge.defended
         x_adv = torch.where(_per_image(broken, x), judge.breaking, out.x_adv)
         return AttackResult(x_adv, stats=out.stats | judge.stats(), verdict=judge.defended.clone())

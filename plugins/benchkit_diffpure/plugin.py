@@ -168,10 +168,22 @@ class Resized(Purifier):
         self.inner, self.size, self.clamp = inner, size, clamp
         self.stochastic, self.gradient_modes = inner.stochastic, inner.gradient_modes
 
+    @staticmethod
+    def _resize(im, s: int):
+        return torch.nn.functional.interpolate(im, size=(s, s), mode="bilinear", align_corners=False, antialias=False)
+
     def _purify(self, x, *, gradient: str, noise: Noise):
-        resize = lambda im, s: torch.nn.functional.interpolate(im, size=(s, s), mode="bilinear", align_corners=False, antialias=False)
-        out = resize(self.inner._purify(resize(x, self.size), gradient=gradient, noise=noise), x.shape[-1])
+        out = self._resize(self.inner._purify(self._resize(x, self.size), gradient=gradient, noise=noise), x.shape[-1])
         return out.clamp(0, 1) if self.clamp else out
+
+    def deviation_pairs(self, x, *, noise: Noise, states: int, gradient: str = "exact"):
+        """The inner DiffPure's (pairs at the score model's resolution), the purified image resized back."""
+        out, pairs = self.inner.deviation_pairs(self._resize(x, self.size), noise=noise, states=states, gradient=gradient)
+        out = self._resize(out, x.shape[-1])
+        return (out.clamp(0, 1) if self.clamp else out), pairs
+
+    def surrogate(self, kind: str, **options) -> "Resized":
+        return Resized(self.inner.surrogate(kind, **options), self.size, clamp=self.clamp)
 
     def gradient_agreement(self, x, seed: int = 0, **kw):
         from benchkit_diffpure.purifier import gradient_agreement

@@ -1,6 +1,7 @@
 """DiffPure (Nie et al., ICML 2022): diffuse the input to t* (Eq. 3), integrate back to t = 0 (solver.py)."""
 from __future__ import annotations
 
+import copy
 from typing import Callable, Literal
 
 import torch
@@ -99,17 +100,51 @@ class DiffPure(Purifier):
 
     def _start(self, x: Tensor, noise: Noise) -> tuple[Tensor, Tensor, Tensor]:
         """(centred input, t* of the reverse solve per image, x(t*)); x(t*) is differentiable in x."""
+        x_c, t_solve, x_t, _ = self._start_with_noise(x, noise)
+        return x_c, t_solve, x_t
+
+    def _alpha(self, t: Tensor) -> Tensor:
+        """Eq. 3's alpha at forward times t: the VP-SDE's, or the discrete chain's alpha-bar (the authors'
+        tables: RevVPSDE's for the VP samplers, SDEdit's for the ddpm runner's chain)."""
+        if not self.discrete:
+            return sde.alpha(t)
+        linspace = torch.float64 if self.sampler in DISCRETE_SAMPLERS else torch.float32
+        return sde.discrete_alpha_bar(t, linspace_dtype=linspace)
+
+    def _start_with_noise(self, x: Tensor, noise: Noise) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+        """_start's values and the Eq. 3 noise eps (None for ld-sde, which does not diffuse)."""
         t_noise, t_solve = self._draw_t_star(x, noise)
         x_c = sde.to_centered(x)
         if self.sampler == "ld-sde":
-            return x_c, t_solve, x_c
-        if not self.discrete:
-            a = sde.alpha(t_noise)
-        else:  # the authors' tables: RevVPSDE's for the VP samplers, SDEdit's for the ddpm runner's chain
-            linspace = torch.float64 if self.sampler in DISCRETE_SAMPLERS else torch.float32
-            a = sde.discrete_alpha_bar(t_noise, linspace_dtype=linspace)
+            return x_c, t_solve, x_c, None
         eps = noise.randn(tuple(x.shape), device=x.device, dtype=x.dtype)
-        return x_c, t_solve, sde.diffuse(x_c, a, eps)
+        return x_c, t_solve, sde.diffuse(x_c, self._alpha(t_noise), eps), eps
+
+    def deviation_pairs(self, x: Tensor, *, noise: Noise, states: int,
+                        gradient: str = "exact") -> tuple[Tensor, list[tuple[Tensor, Tensor]]]:
+        """What DiffAttack's deviated-reconstruction loss compares (Kang et al. 2023, Eq. 8): the purified
+        image ([0, 1]) and, at `states` (at most N) evenly spaced steps k = 0, N/states, ... of the reverse solve,
+        (x'_k: the reverse state, x_k: the input diffused forward to the same time with the same Eq. 3
+        noise), both centred. Differentiable in x (exact: the solve checkpointed segment by segment)."""
+        if self.sampler == "ld-sde" or self.forward_only:
+            raise ValueError(f"DiffAttack's deviation needs a forward diffusion and a reverse solve ({self.sampler})")
+        if states < 1:
+            raise ValueError(f"states must be >= 1, got {states}")
+        states = min(states, self.n_steps)   # a short solve compares every state
+        x_c, t_star, x_t, eps = self._start_with_noise(x, noise)
+        steps = sorted({(self.n_steps * j) // states for j in range(states)})
+        out, kept = integrate(self.score_model, x_t, t_star, sampler=self.sampler, n_steps=self.n_steps,
+                              gradient=gradient, noise=noise, x_a=x_c, ddim_eta=self.ddim_eta, snapshots_grad=steps,
+                              **self.ld)
+        if self.sampler in DISCRETE_SAMPLERS:   # state k sits at level grid[k] of the chain
+            grid = sde.level_grid(sde.levels_of(t_star), self.n_steps)
+            times = [grid[k].to(x.dtype) / sde.DISCRETE_STEPS for k in steps]
+        else:
+            times = [self._grid(t_star * (1.0 - k / self.n_steps)) if self.discrete else t_star * (1.0 - k / self.n_steps)
+                     for k in steps]
+        pairs = [(state, sde.diffuse(x_c, self._alpha(t), eps)) for state, t in zip(kept, times)]
+        out = sde.from_centered(out)
+        return (out.clamp(0.0, 1.0) if self.clamp else out), pairs
 
     def _solve(self, x_c: Tensor, t_star: Tensor, x_t: Tensor, gradient: str, noise: Noise, **kw):
         return integrate(self.score_model, x_t, t_star, sampler=self.sampler, n_steps=self.n_steps,
@@ -117,8 +152,33 @@ class DiffPure(Purifier):
 
     def _purify(self, x: Tensor, *, gradient: str, noise: Noise) -> Tensor:
         x_c, t_star, x_t = self._start(x, noise)
-        out = sde.from_centered(self._solve(x_c, t_star, x_t, gradient, noise))
+        # forward-only: the diffused input itself (Eq. 3), the reverse solve skipped.
+        out = sde.from_centered(x_t if self.forward_only else self._solve(x_c, t_star, x_t, gradient, noise))
         return out.clamp(0.0, 1.0) if self.clamp else out
+
+    forward_only = False
+    SURROGATES = ("fewer-steps", "forward-only")
+
+    def surrogate(self, kind: str, *, steps: int | None = None) -> "DiffPure":
+        """A cheaper stand-in for attacks to differentiate (the host still verifies on this defense),
+        sharing the score model and drawing its noise in the same order:
+          fewer-steps   the same sampler, t* and noise schedule with `steps` solver steps
+                        (Lee & Kim 2023's surrogate process); exact gradients through it
+          forward-only  the forward noising alone: the classifier sees x(t*) (Eq. 3), no reverse solve
+                        (DiffBreak's forward_diff_only gradient mode)"""
+        clone = copy.copy(self)   # shares the frozen score network
+        if kind == "fewer-steps":
+            if steps is None or not 1 <= steps <= self.n_steps:
+                raise ValueError(f"fewer-steps surrogate needs 1 <= steps <= {self.n_steps} (this defense's steps), "
+                                 f"got {steps}")
+            clone.n_steps = steps   # ddpm / ddim: a respaced chain
+        elif kind == "forward-only":
+            if steps is not None:
+                raise ValueError("the forward-only surrogate takes no steps")
+            clone.forward_only = True
+        else:
+            raise ValueError(f"unknown surrogate {kind!r}; expected one of {self.SURROGATES}")
+        return clone
 
     @torch.no_grad()
     def trajectory(self, x: Tensor, n_frames: int = 4, *, noise: Noise | None = None) -> tuple[Tensor, list[str]]:

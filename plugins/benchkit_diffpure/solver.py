@@ -164,6 +164,17 @@ class DiscreteChain:
         return (sde.ddpm_step if self.sampler == "ddpm" else sde.ddim_step)(x, eps, z, *c)
 
 
+class _Segment:
+    """Steps start..stop-1 of a field as a field of its own (step k of the segment is the field's
+    start + k; its increments are zs[start:stop])."""
+
+    def __init__(self, field, start: int, stop: int):
+        self.field, self.start, self.n = field, start, stop - start
+
+    def step(self, k: int, x: Tensor, z: Tensor | None, x_a: Tensor | None = None) -> Tensor:
+        return self.field.step(self.start + k, x, z, x_a)
+
+
 def _z(zs: Tensor | None, k: int) -> Tensor | None:
     return zs[k] if zs is not None and k < len(zs) else None
 
@@ -265,14 +276,16 @@ def _adjoint(field: ReverseField, zs: Tensor | None, x: Tensor) -> Tensor:
 def integrate(model: ScoreModel, x: Tensor, t_star: Tensor | float, *, sampler: str = "vp-sde",
               n_steps: int | None = None, dt: float = 1e-3, gradient: str = "none", noise: Noise | None = None,
               x_a: Tensor | None = None, ld_sigma2: float = 100.0, ld_lambda: float = 0.1, ld_eta: float = 1.0,
-              ddim_eta: float = 0.0, snapshots: Sequence[int] = ()) -> Tensor | tuple[Tensor, list[Tensor]]:
+              ddim_eta: float = 0.0, snapshots: Sequence[int] = (),
+              snapshots_grad: Sequence[int] = ()) -> Tensor | tuple[Tensor, list[Tensor]]:
     """Integrate from x = x(t*) (centred, [-1, 1] convention) back to t = 0.
 
     t_star: scalar or one value per image (on the 1/1000 grid for ddpm, ddim and discrete-time
     models); n_steps defaults to round(max t*/dt), for ddpm/ddim at most max t* 1000 (pass it
     explicitly when t* varies per image, or the result of one image depends on the others' t*).
     For ld-sde, x_a defaults to x. snapshots (gradient "none" only): also return the states after
-    those step counts (0..N).
+    those step counts (0..N); snapshots_grad (gradient "exact"): the same, differentiable, the solve
+    checkpointed segment by segment between them.
     """
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; expected one of {SAMPLERS}")
@@ -305,12 +318,23 @@ def integrate(model: ScoreModel, x: Tensor, t_star: Tensor | float, *, sampler: 
         kept[n] = x
         return (x, [kept[k] for k in snapshots]) if snapshots else x
     if snapshots:
-        raise ValueError("snapshots are only available with gradient='none'")
+        raise ValueError("snapshots are only available with gradient='none' (snapshots_grad: exact)")
+    if snapshots_grad and (gradient != "exact" or any(not 0 <= k <= n for k in snapshots_grad)):
+        raise ValueError(f"snapshots_grad needs gradient='exact' and steps in 0..{n}, got {gradient!r}, {snapshots_grad}")
     zs = None
     if field.noise_steps:  # drawn up front (same order as above) so that backward replays the sampled path
         zs = x.new_empty((field.noise_steps, *x.shape))
         for k in range(field.noise_steps):
             zs[k] = draw()
+    if gradient == "exact" and snapshots_grad:
+        # Segment-wise (DiffAttack's memory bound): one checkpointed node per segment between the
+        # requested states, so a loss on every state backpropagates through each step once.
+        kept, start = {}, 0
+        for stop in sorted(set(snapshots_grad) | {n}):
+            if stop > start:
+                x = _Checkpointed.apply(_Segment(field, start, stop), None if zs is None else zs[start:stop], x, field.x_a)
+            kept[stop], start = x, stop
+        return x, [kept[k] for k in snapshots_grad]
     if gradient == "exact":
         return _Checkpointed.apply(field, zs, x, field.x_a)
     if gradient == "adjoint":
