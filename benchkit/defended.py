@@ -136,7 +136,7 @@ class DefendedModel(nn.Module):
         noise, keys = self._open(x, noise)
         return self._copies(x, keys, noise, 0, 1)
 
-    def _chunks(self, batch: int, n: int) -> list[int]:
+    def chunk_sizes(self, batch: int, n: int) -> list[int]:
         """EOT sample counts per forward pass: as many whole copies of the batch as fit max_batch."""
         per = max(1, self.max_batch // max(1, batch))
         sizes = [per] * (n // per)
@@ -153,7 +153,7 @@ class DefendedModel(nn.Module):
         n_eff = n if self.stochastic else 1
         noise, keys = self._open(x, noise)
         start = 0
-        for k in self._chunks(x.shape[0], n_eff):
+        for k in self.chunk_sizes(x.shape[0], n_eff):
             logits = self._copies(x, keys, noise, start, k)
             total = total + loss_fn(logits, _repeat(y, k)).view(k, -1).sum(0)
             start += k
@@ -188,7 +188,7 @@ class DefendedModel(nn.Module):
         grad_total = torch.zeros_like(x)
         noise, keys = self._open(x, noise)
         start = 0
-        for k in self._chunks(x.shape[0], n_eff):
+        for k in self.chunk_sizes(x.shape[0], n_eff):
             xk = x.clone().requires_grad_(True)
             if isinstance(noise, ImageStreams):
                 noise.bind(keys, range(start, start + k))
@@ -219,7 +219,7 @@ class DefendedModel(nn.Module):
                 loss = loss_fn(logits.view(n_eff, x.shape[0], -1).mean(0), y)
                 (g,) = torch.autograd.grad(loss.sum(), xk)
             return loss.detach(), g
-        sizes = self._chunks(x.shape[0], n_eff)
+        sizes = self.chunk_sizes(x.shape[0], n_eff)
         total, kept = self._summed_logits(x, noise, keys, sizes, keep=self.gradient == "bpda")
         z_bar = (total / n_eff).requires_grad_(True)
         with torch.enable_grad():
@@ -269,7 +269,7 @@ class DefendedModel(nn.Module):
         drawn like EOT samples, no gradient."""
         n_eff = n if self.stochastic else 1
         noise, keys = self._open(x, noise)
-        return self._summed_logits(x, noise, keys, self._chunks(x.shape[0], n_eff))[0] / n_eff
+        return self._summed_logits(x, noise, keys, self.chunk_sizes(x.shape[0], n_eff))[0] / n_eff
 
     @torch.no_grad()
     def sample_logits(self, x: Tensor, n: int, *, noise: Noise | None = None) -> Tensor:
@@ -277,7 +277,7 @@ class DefendedModel(nn.Module):
         drawn like EOT samples in large batches, no gradient."""
         n_eff = n if self.stochastic else 1
         noise, keys = self._open(x, noise)
-        return torch.cat([lg for _, lg in self._sample_chunks(x, noise, keys, self._chunks(x.shape[0], n_eff))])
+        return torch.cat([lg for _, lg in self._sample_chunks(x, noise, keys, self.chunk_sizes(x.shape[0], n_eff))])
 
     @torch.no_grad()
     def logits(self, x: Tensor, *, noise: Noise | None = None) -> Tensor:

@@ -41,7 +41,7 @@ def ce(logits, y):
 def test_expectation_batches_equal_sequential_mean():
     clf, x, y = linear(), torch.rand(5, 1, 4, 4), torch.tensor([0, 1, 2, 0, 1])
     model = DefendedModel(clf, AddNoise(), max_batch=10)  # 2 EOT copies per pass, n=7 -> 4 passes
-    assert model._chunks(5, 7) == [2, 2, 2, 1]
+    assert model.chunk_sizes(5, 7) == [2, 2, 2, 1]
     seeds = [derive_seed("t", i) for i in range(5)]
     batched = model.expectation(ce, x, y, 7, noise=PerExampleNoise(seeds))
     noise = PerExampleNoise(seeds)
@@ -98,7 +98,7 @@ def test_image_streams_do_not_depend_on_eot_chunking_batch_or_subset():
     seeds = [derive_seed("img", i) for i in range(5)]
     wide = DefendedModel(clf, AddNoise(), max_batch=10).for_images(x, seeds)    # 2 copies per pass
     narrow = DefendedModel(clf, AddNoise(), max_batch=5).for_images(x, seeds)   # 1 copy per pass
-    assert wide._chunks(5, 4) == [2, 2] and narrow._chunks(5, 4) == [1, 1, 1, 1]
+    assert wide.chunk_sizes(5, 4) == [2, 2] and narrow.chunk_sizes(5, 4) == [1, 1, 1, 1]
     first = wide.expectation(ce, x, y, 4)
     assert torch.allclose(first, narrow.expectation(ce, x, y, 4), atol=1e-6)
     # a second evaluation of the same images draws fresh noise (the attack is not fed one draw forever)

@@ -51,3 +51,20 @@ def test_zoo_commands(plugin_manager, capsys):
     assert main(["zoo", "list"]) == 0
     assert "digits_cnn.safetensors" in capsys.readouterr().out
     assert main(["zoo", "verify", "nope"]) == 2
+
+
+def test_sota_suite_runs_every_attack_on_one_budget(plugin_manager):
+    """digits_sota: every registered attack but StAdv (another threat model), all against the digits
+    DiffPure on the same images and the same Linf budget, each final example judged 10 times."""
+    from benchkit import registry, resolve
+    from benchkit.suite import load_suite
+    from benchkit.threat import Linf
+
+    path = ROOT / "suites" / "digits_sota.yaml"
+    resolved = resolve.resolve(load_suite(path), path)
+    suite = resolved.suite
+    plugins = {a.plugin for a in suite.attacks}
+    assert plugins == {e.id for e in registry.get("attacks")} - {"stadv"}
+    assert all(isinstance(t, Linf) and t.eps == 0.15 for t in resolved.threats.values())
+    assert suite.eval.repeats == 10 and suite.dataset.params["n"] == 64
+    assert {(c.classifier.id, c.defense.id) for c in resolved.cells if c.attack is not None} == {("cnn", "diffpure"), ("cnn", "none")}

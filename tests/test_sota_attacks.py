@@ -166,6 +166,17 @@ def test_diffattack_gradient_matches_finite_differences(lambda_dev) -> None:
         assert bool((loss > base + 1e-6).all())
 
 
+@pytest.mark.parametrize("loss", ["ce", "cw", "dlr"])
+def test_targeted_pgd_gradient_matches_finite_differences(loss) -> None:
+    from benchkit_attacks.targets import targeted_objective
+
+    purifier, head, (x, y) = tiny_diffpure(), tiny_head(), tiny_batch()
+    loss_fn, labels = targeted_objective(loss, y, torch.tensor([1, 0, 2]))
+    at = lambda z: DefendedModel(head, purifier, noise=PerExampleNoise(SEEDS)).loss_and_grad(loss_fn, z, labels, 2)
+    _, grad = at(x)
+    directional_check(lambda z: at(z)[0].sum(), grad, x)
+
+
 # ---------------------------------------------------------------- DiffHammer
 
 

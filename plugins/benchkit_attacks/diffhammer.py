@@ -97,7 +97,7 @@ def purify_samples(model: DefendedModel, loss_fn, z: Tensor, y: Tensor, seeds: l
     [N, B], correct [N, B] and the loss gradients at the purified images [N, B, D]."""
     b, n = z.shape[0], len(seeds)
     losses, grads, correct, j0 = [], [], [], 0
-    for k in model._chunks(b, n):
+    for k in model.chunk_sizes(b, n):
         rows = [seeds[j][i] for j in range(j0, j0 + k) for i in range(b)]
         zr = z.detach().repeat(k, *([1] * (z.dim() - 1)))
         with torch.no_grad():

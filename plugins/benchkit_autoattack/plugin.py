@@ -4,6 +4,12 @@ The host takes the per-image worst case over the listed versions (the paper only
 minimum of the two accuracies) and re-classifies every returned example itself. AutoAttack's own
 verdict (its robust flags during the run: one draw of a randomised defense per check) is returned
 as the attack's verdict: the number the paper reports, stored beside the host's, never the result.
+
+Besides its two versions, pyautoattack's targeted attacks run alone as versions of their own
+(its version='custom' with one attack to run): "apgd-t" (APGD on the targeted DLR loss) and
+"fab-t" (targeted FAB), each over its `n_target_classes` highest-logit wrong classes. Both are
+already part of "standard"; alone they serve where standard's other members do not apply or cost
+too much, and apgd-t alone takes EOT gradients on a stochastic defense (standard never does).
 """
 from __future__ import annotations
 
@@ -20,13 +26,26 @@ from benchkit.params import Budget, Params
 from benchkit.threat import make_threat
 
 
+# "standard" and "rand" are AutoAttack's versions; the others are its targeted attacks run alone.
+Version = Literal["standard", "rand", "apgd-t", "fab-t"]
+TARGETED = ("apgd-t", "fab-t")
+
+
 class AutoAttackParams(Params):
     norm: Literal["Linf", "L2"] = "Linf"
     eps: Budget = Field(8 / 255, description="budget in [0,1] pixel units, e.g. 8/255")
-    versions: list[Literal["standard", "rand"]] = Field(default_factory=lambda: ["standard"], min_length=1)
-    eot: int = Field(20, ge=1, description="EOT iterations of the rand version's APGD (AutoAttack: 20)")
+    versions: list[Version] = Field(default_factory=lambda: ["standard"], min_length=1, description=(
+        "standard, rand (AutoAttack's versions), apgd-t, fab-t (its targeted attacks alone)"))
+    eot: int = Field(20, ge=1, description=(
+        "EOT iterations of the rand version's APGD (AutoAttack: 20), and of apgd-t on a stochastic defense"))
     n_queries: int = Field(5000, ge=1, description="Square attack queries in the standard version")
     n_iter: int = Field(100, ge=1, description="iterations of APGD, APGD-T and FAB (AutoAttack: 100)")
+    n_target_classes: int = Field(9, ge=1, description=(
+        "target classes of APGD-T and FAB-T, in standard and alone: the highest-logit wrong classes "
+        "(AutoAttack standard, Linf and L2: 9); capped at the number of classes - 1"))
+    gradient: Literal["exact", "adjoint"] | None = Field(
+        None, description="the defense's gradient AutoAttack differentiates (None: the suite's defense setting); "
+                          "exact as DiffBreak's AutoAttack, adjoint as the paper's")
 
 
 def _set_apgd_iterations(apgd, n: int) -> None:
@@ -35,20 +54,39 @@ def _set_apgd_iterations(apgd, n: int) -> None:
     apgd.n_iter_2, apgd.n_iter_min, apgd.size_decr = max(int(0.22 * n), 1), max(int(0.06 * n), 1), max(int(0.03 * n), 1)
 
 
+def _n_classes(model: DefendedModel, x: torch.Tensor) -> int:
+    """The classifier's number of classes, from the bare classifier: a pass through a stochastic
+    purifier would consume draws of the per-image noise streams."""
+    with torch.no_grad():
+        return int(model.classifier(x[:1]).shape[1])
+
+
 class AutoAttackVersion(Attack):
-    def __init__(self, norm: str, eps: float, version: str, eot: int, n_queries: int, n_iter: int = 100):
+    def __init__(self, norm: str, eps: float, version: str, eot: int, n_queries: int, n_iter: int = 100,
+                 n_target_classes: int = 9):
         self.norm, self.eps, self.version, self.eot, self.n_queries = norm, eps, version, eot, n_queries
-        self.n_iter = n_iter
+        self.n_iter, self.n_target_classes = n_iter, n_target_classes
 
     def run(self, model: DefendedModel, x: torch.Tensor, y: torch.Tensor, ctx: AttackContext) -> AttackResult:
         from pyautoattack import AutoAttack
 
         logging.getLogger("auto-attack").setLevel(logging.WARNING)
-        adversary = AutoAttack(model, norm=self.norm, eps=self.eps, version=self.version,
+        targeted = self.version in TARGETED
+        # A targeted attack alone is pyautoattack's 'custom' version with that one attack to run.
+        adversary = AutoAttack(model, norm=self.norm, eps=self.eps, version="custom" if targeted else self.version,
+                               attacks=[self.version] if targeted else None,
                                seed=ctx.seed % (2**31), device=ctx.device)
         adversary.verbose = False
         if self.version == "rand":
             adversary.apgd.eot_iter = self.eot
+        if self.version == "apgd-t" and model.stochastic:
+            # As rand does for APGD: average gradients over EOT draws of a randomised defense.
+            adversary.apgd_targeted.eot_iter = self.eot
+        if self.version in ("standard", *TARGETED):
+            # pyautoattack indexes the target_class-th highest logit: more targets than wrong
+            # classes would index past the classes.
+            n = min(self.n_target_classes, _n_classes(model, x) - 1)
+            adversary.apgd_targeted.n_target_classes = adversary.fab.n_target_classes = n
         adversary.square.n_queries = self.n_queries
         if self.n_iter != 100:
             for apgd in (adversary.apgd, adversary.apgd_targeted):
@@ -63,7 +101,10 @@ class AutoAttackVersion(Attack):
 class AutoAttackSuite(Attack):
     def __init__(self, p: AutoAttackParams):
         self.params = p
-        self.versions = [(v, AutoAttackVersion(p.norm, p.eps, v, p.eot, p.n_queries, p.n_iter)) for v in p.versions]
+        self.versions = [(v, AutoAttackVersion(p.norm, p.eps, v, p.eot, p.n_queries, p.n_iter, p.n_target_classes))
+                         for v in p.versions]
+        for _, version in self.versions:
+            version.gradient = p.gradient
 
     def variants(self):
         return list(self.versions)
@@ -72,8 +113,9 @@ class AutoAttackSuite(Attack):
         raise RuntimeError("run each AutoAttack version through variants()")
 
     def eot_samples(self) -> int | None:
-        # Only the rand version averages gradients over EOT samples.
-        return self.params.eot if "rand" in self.params.versions else None
+        # Only the rand version (and apgd-t alone, on a stochastic defense) averages gradients over
+        # EOT samples.
+        return self.params.eot if {"rand", "apgd-t"} & set(self.params.versions) else None
 
     def params_for(self, *, eot: int | None = None, unbounded: bool = False) -> dict | None:
         over: dict = {}
@@ -91,4 +133,5 @@ def autoattack_threat(p: AutoAttackParams):
 @hookimpl
 def register_attacks(register):
     register("autoattack", AutoAttackSuite, params=AutoAttackParams, threat=autoattack_threat,
-             description="AutoAttack (pyautoattack) standard and/or rand; per-image worst case over versions")
+             description="AutoAttack (pyautoattack) standard, rand, or APGD-T / FAB-T alone; per-image worst "
+                         "case over versions")
