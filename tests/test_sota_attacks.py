@@ -180,21 +180,30 @@ def test_targeted_pgd_gradient_matches_finite_differences(loss) -> None:
 # ---------------------------------------------------------------- DiffHammer
 
 
-def test_em_gradient_by_hand() -> None:
-    # Two purifications of one image: sample 0 is already broken (high loss, gradient along e0);
-    # sample 1 is still correct (low loss, gradient along e1).
-    loss = torch.tensor([[3.0], [-2.0]])
-    g = torch.tensor([[[1.0, 0.0]], [[0.0, 1.0]]])
-    eps, lam = 0.5, 5.0
-    em, a_star = em_gradient(loss, g, eps, lam, linf=True)
-    elu = lambda v: F.elu(torch.tensor(v)).item()
+def em_by_hand(loss: Tensor, g: Tensor, eps: float, lam: float) -> tuple[int, list[float], Tensor]:
+    """One image: a* = argmax_a sum_i ELU(L_i + eps <sign g_a, g_i>), q_i = sigmoid(lam (L_i + eps
+    <sign g_a*, g_i>)), g~ = sum q_i g_i / sum q_i, with plain loops."""
+    n = loss.shape[0]
     gain = lambda a, i: float((g[a, 0].sign() * g[i, 0]).sum())
-    expected = [sum(elu(float(loss[i, 0]) + eps * gain(a, i)) for i in range(2)) for a in range(2)]
-    assert int(a_star) == max(range(2), key=lambda a: expected[a])
-    q = [torch.sigmoid(torch.tensor(lam * (float(loss[i, 0]) + eps * gain(int(a_star), i)))).item() for i in range(2)]
-    want = (q[0] * g[0, 0] + q[1] * g[1, 0]) / (q[0] + q[1])
-    assert torch.allclose(em[0], want, atol=1e-6)
-    assert q[1] < 0.01 < 0.99 < q[0]   # the still-correct purification weighs least along a*'s step
+    score = [sum(F.elu(torch.tensor(float(loss[i, 0]) + eps * gain(a, i))).item() for i in range(n)) for a in range(n)]
+    a = max(range(n), key=lambda k: score[k])
+    q = [torch.sigmoid(torch.tensor(lam * (float(loss[i, 0]) + eps * gain(a, i)))).item() for i in range(n)]
+    return a, q, sum(q[i] * g[i, 0] for i in range(n)) / sum(q)
+
+
+@pytest.mark.parametrize("loss, g, reach", [
+    # Sample 0 is broken (margin 3, gradient e0); sample 1 is still correct (margin -2) and its gradient
+    # is orthogonal: out of reach of the common step, it weighs nothing.
+    ([[3.0], [-2.0]], [[[1.0, 0.0]], [[0.0, 1.0]]], False),
+    # Still correct (margin -0.2) but along the same direction: within reach, it counts.
+    ([[3.0], [-0.2]], [[[1.0, 0.0]], [[1.0, 0.2]]], True),
+])
+def test_em_gradient_by_hand(loss, g, reach) -> None:
+    loss, g, eps, lam = torch.tensor(loss), torch.tensor(g), 0.5, 5.0
+    em, a_star = em_gradient(loss, g, eps, lam, linf=True)
+    a, q, want = em_by_hand(loss, g, eps, lam)
+    assert int(a_star) == a and torch.allclose(em[0], want, atol=1e-6)
+    assert q[0] > 0.99 and (q[1] > 0.8 if reach else q[1] < 0.01)
 
 
 def test_grafted_gradient_of_one_purification_is_its_exact_gradient() -> None:

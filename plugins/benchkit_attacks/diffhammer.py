@@ -5,8 +5,10 @@ Each iteration draws N purifications phi_1..phi_N of the current example (no gra
 and, at every purified image, the classifier loss L_i and its cheap gradient g_i = dL_i/dphi_i:
   E-step   the purification a* whose step direction is expected to raise the most losses,
            a* = argmax_a sum_i ELU(L_i + eps <u(g_a), g_i>), u = sign (Linf) or g/|g| (L2); weights
-           q_i = sigmoid(lambda (L_i + eps <u(g_a*), g_i>)): the purifications still to be broken
-           along that direction weigh most, those already broken or out of reach little (their Eq. 9)
+           q_i = sigmoid(lambda (L_i + eps <u(g_a*), g_i>)), the posterior that purification i shares
+           the vulnerability a step along a*'s direction exploits (their Eq. 9): near 1 for those that
+           step breaks or keeps broken (with a margin loss, L_i > 0 once misclassified), near 0 for those
+           out of its reach, whose gradients would only pull the common step elsewhere
   M-step   g~ = sum_i q_i g_i / sum_i q_i, grafted onto the one full backpropagation through
            purification a* (same noise): grad = (d phi_a*/dx)^T g~ (their Eq. 10-11), so an iteration
            costs N forward solves and one backward solve instead of N backward solves
