@@ -4,6 +4,7 @@ classifier to 0%, its loss rises over the iterations (it maximises), and its gra
 central finite differences on a small solver (float64, the same noise)."""
 from __future__ import annotations
 
+import json
 import sqlite3
 
 import pytest
@@ -290,6 +291,7 @@ defenses:
 attacks:
   - {id: pgd-best, plugin: pgd-eot, params: {eps: 0.2, steps: 3, eot: 1, select: protocol}}
   - {id: pgd-adjoint, plugin: pgd-eot, params: {eps: 0.2, steps: 2, eot: 1, gradient: adjoint}}
+  - {id: aa-adjoint, plugin: autoattack, params: {eps: 0.2, versions: [rand], eot: 1, n_iter: 2, gradient: adjoint}}
 grid: all
 eval: {batch_size: 8, repeats: 2}
 checks: {enabled: []}
@@ -309,8 +311,9 @@ def test_best_iterate_rows_and_the_adjoint_cosine_reach_the_store_and_the_report
     # the host's own flags are its re-verification of the same example.
     assert {v for _, v, _ in best} <= {0, 1} and all(len(f) == 2 for _, _, f in best)
     # Checks are off, yet the adjoint cell's gradient was measured against the exact one.
-    checks = db.execute("SELECT name, status FROM checks WHERE cell_id = ?", (rows["cnn/dp/pgd-adjoint"],)).fetchall()
-    assert checks and checks[0][0] == "gradient-correctness"
+    for key in ("cnn/dp/pgd-adjoint", "cnn/dp/aa-adjoint"):
+        (name, numbers), = db.execute("SELECT name, numbers_json FROM checks WHERE cell_id = ?", (rows[key],)).fetchall()
+        assert name == "gradient-correctness" and json.loads(numbers)["mode"] == "adjoint"
     assert db.execute("SELECT COUNT(*) FROM checks WHERE cell_id = ?", (rows["cnn/dp/pgd-best"],)).fetchone()[0] == 0
     capsys.readouterr()
     assert main(["report", str(out)]) == 0

@@ -70,8 +70,9 @@ class AutoAttackVersion(Attack):
     def run(self, model: DefendedModel, x: torch.Tensor, y: torch.Tensor, ctx: AttackContext) -> AttackResult:
         from pyautoattack import AutoAttack
 
-        logging.getLogger("auto-attack").setLevel(logging.WARNING)
         targeted = self.version in TARGETED
+        # Its "randomized defense, use version rand" warning is moot for apgd-t, which takes EOT here.
+        logging.getLogger("auto-attack").setLevel(logging.ERROR if targeted and model.stochastic else logging.WARNING)
         # A targeted attack alone is pyautoattack's 'custom' version with that one attack to run.
         adversary = AutoAttack(model, norm=self.norm, eps=self.eps, version="custom" if targeted else self.version,
                                attacks=[self.version] if targeted else None,
@@ -103,6 +104,7 @@ class AutoAttackSuite(Attack):
         self.params = p
         self.versions = [(v, AutoAttackVersion(p.norm, p.eps, v, p.eot, p.n_queries, p.n_iter, p.n_target_classes))
                          for v in p.versions]
+        self.gradient = p.gradient   # the whole suite's, for the host's view of the cell (checks)
         for _, version in self.versions:
             version.gradient = p.gradient
 
