@@ -249,6 +249,9 @@ def test_pgd_follows_the_surrogate_and_returns_a_real_defense_example(cnn, data,
     model = DefendedModel(cnn, digits_diffpure)
     assert attack.view(model).purifier.n_steps == 1 and model.purifier.n_steps == 5
     run(model, attack, x, y)
+    # Without a purifier (the host's attack-undefended check) the surrogate is the bare classifier.
+    assert accuracy(DefendedModel(cnn), run(DefendedModel(cnn), build("pgd-eot", eps=0.3, steps=20, eot=1,
+                    surrogate={"kind": "forward-only"}), *data).x_adv, data[1]) == 0.0
 
 
 # ---------------------------------------------------------------- best iterate under the protocol
