@@ -145,6 +145,8 @@ def gradient_correctness(resolved: ResolvedSuite, cell: Cell, comps: Components,
     its reference in `.reference`). On the first GRADIENT_CHECK_IMAGES images. The verdict is on the mode
     this cell's attack differentiates with; the others are reported."""
     purifier = comps.defenses[cell.defense.id]
+    if comps.attacks[cell.attack.id].access != "gradient":
+        return CheckResult("gradient-correctness", "skipped", "the attack does not differentiate the defense")
     agreement = getattr(purifier, "gradient_agreement", None)
     if agreement is None:
         return CheckResult("gradient-correctness", "skipped", "the defense offers no solver gradients to compare")
