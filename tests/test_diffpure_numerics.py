@@ -158,7 +158,7 @@ def _run_check(purifier, gradient: str = "exact"):
         get = staticmethod(lambda idx: (x[list(idx)], torch.zeros(len(idx))))
         __len__ = lambda self: 4
 
-    comps = SimpleNamespace(dataset=lambda cell: Data(), device="cpu", defenses={"d": purifier}, attacks={"a": None},
+    comps = SimpleNamespace(dataset=lambda cell: Data(), device="cpu", defenses={"d": purifier}, attacks={"a": SimpleNamespace(access="gradient")},
                             defended=lambda cell, attack: SimpleNamespace(gradient=gradient))
     resolved = SimpleNamespace(suite=SimpleNamespace(checks=SimpleNamespace(subset=16)))
     cell = SimpleNamespace(defense=SimpleNamespace(id="d"), attack=SimpleNamespace(id="a"))
