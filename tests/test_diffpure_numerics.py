@@ -150,7 +150,7 @@ def test_ld_sde_takes_the_common_dt():
     assert pur.n_steps == 10 and len(calls) == 10 and all(float(t) == pytest.approx(sde.LD_SCORE_TIME) for t in calls)
 
 
-def _run_check(purifier, gradient: str = "exact"):
+def _run_check(purifier, gradient: str = "exact", access: str = "gradient"):
     """benchkit.checks' gradient-correctness on 4 images of a cell whose attack uses `gradient`."""
     x = torch.rand(4, 3, 8, 8, generator=torch.Generator().manual_seed(0))
 
@@ -158,7 +158,7 @@ def _run_check(purifier, gradient: str = "exact"):
         get = staticmethod(lambda idx: (x[list(idx)], torch.zeros(len(idx))))
         __len__ = lambda self: 4
 
-    comps = SimpleNamespace(dataset=lambda cell: Data(), device="cpu", defenses={"d": purifier}, attacks={"a": SimpleNamespace(access="gradient")},
+    comps = SimpleNamespace(dataset=lambda cell: Data(), device="cpu", defenses={"d": purifier}, attacks={"a": SimpleNamespace(access=access)},
                             defended=lambda cell, attack: SimpleNamespace(gradient=gradient))
     resolved = SimpleNamespace(suite=SimpleNamespace(checks=SimpleNamespace(subset=16)))
     cell = SimpleNamespace(defense=SimpleNamespace(id="d"), attack=SimpleNamespace(id="a"))
@@ -183,6 +183,12 @@ def test_gradient_check_passes_exact_and_fails_a_broken_gradient(monkeypatch):
     monkeypatch.undo()
     ok = _run_check(ddim)
     assert ok.status == "pass" and "cosine_adjoint" not in ok.numbers  # no adjoint for a discrete chain
+
+
+@pytest.mark.parametrize("access", ["query", "transfer"])
+def test_gradient_check_skips_attacks_that_do_not_differentiate_the_defense(access):
+    result = _run_check(DiffPure(TinyConvScore(seed=3), t_star=0.2, dt=1e-2), access=access)
+    assert result.status == "skipped" and result.reason == "the attack does not differentiate the defense"
 
 
 class _NoImplicitDevice(torch.overrides.TorchFunctionMode):
