@@ -80,6 +80,11 @@ class Attack:
         """EOT samples per gradient estimate, or None if the attack has no such setting."""
         return None
 
+    def view(self, model: DefendedModel) -> DefendedModel:
+        """The model whose gradients this attack follows, given the defended model it receives: the
+        model itself, or e.g. a cheaper surrogate of its purifier. The host verifies on `model`."""
+        return model
+
     def params_for(self, *, eot: int | None = None, unbounded: bool = False) -> dict | None:
         """Params overrides under which this attack draws `eot` EOT samples, or has a budget no
         image can resist (unbounded); None when it has no such setting. Checks rebuild the attack

@@ -157,7 +157,13 @@ def gradient_correctness(resolved: ResolvedSuite, cell: Cell, comps: Components,
            f"{x.shape[0]} image(s), same noise")
     nums = {f"cosine_{m}": c for m, c in cos.items()} | {"reference": how, "n": int(x.shape[0])}
     summary = ", ".join(f"{m} cosine {c:.3f}" for m, c in cos.items())
-    used = comps.defended(cell, comps.attacks[cell.attack.id]).gradient
+    attack = comps.attacks[cell.attack.id]
+    defended = comps.defended(cell, attack)
+    used = defended.gradient
+    if attack.view(defended).purifier is not defended.purifier:
+        nums["mode"] = "surrogate"
+        return CheckResult("gradient-correctness", "skipped", f"the attack follows a surrogate of the defense, not "
+                           f"the defense's own gradient ({summary}; {how})", nums)
     if used not in cos:
         return CheckResult("gradient-correctness", "skipped", f"the attack uses '{used}' gradients ({summary}; {how})", nums)
     nums["mode"] = used
@@ -182,6 +188,8 @@ def gradient_note(checks: list[dict]) -> str:
     c = next((c for c in checks if c["name"] == "gradient-correctness"), None)
     nums = (c or {}).get("numbers") or {}
     mode = nums.get("mode")
+    if mode == "surrogate":
+        return "surrogate (its own solve)"
     if mode is None or f"cosine_{mode}" not in nums:
         return ""
     versus = "exact" if mode != "exact" and "vs the exact" in str(nums.get("reference", "")) else "reference"

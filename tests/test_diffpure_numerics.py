@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from benchkit.checks import gradient_correctness
+from benchkit.checks import gradient_correctness, gradient_note
 from benchkit.noise import Noise, PerExampleNoise
 from benchkit_diffpure import sde, solver
 from benchkit_diffpure.purifier import DiffPure
@@ -150,7 +150,7 @@ def test_ld_sde_takes_the_common_dt():
     assert pur.n_steps == 10 and len(calls) == 10 and all(float(t) == pytest.approx(sde.LD_SCORE_TIME) for t in calls)
 
 
-def _run_check(purifier, gradient: str = "exact", access: str = "gradient"):
+def _run_check(purifier, gradient: str = "exact", access: str = "gradient", follows=None):
     """benchkit.checks' gradient-correctness on 4 images of a cell whose attack uses `gradient`."""
     x = torch.rand(4, 3, 8, 8, generator=torch.Generator().manual_seed(0))
 
@@ -158,8 +158,11 @@ def _run_check(purifier, gradient: str = "exact", access: str = "gradient"):
         get = staticmethod(lambda idx: (x[list(idx)], torch.zeros(len(idx))))
         __len__ = lambda self: 4
 
-    comps = SimpleNamespace(dataset=lambda cell: Data(), device="cpu", defenses={"d": purifier}, attacks={"a": SimpleNamespace(access=access)},
-                            defended=lambda cell, attack: SimpleNamespace(gradient=gradient))
+    model = SimpleNamespace(gradient=gradient, purifier=purifier)
+    # The attack differentiates the defense itself, or `follows` (a surrogate purifier).
+    attack = SimpleNamespace(access=access, view=lambda m: m if follows is None else SimpleNamespace(purifier=follows))
+    comps = SimpleNamespace(dataset=lambda cell: Data(), device="cpu", defenses={"d": purifier}, attacks={"a": attack},
+                            defended=lambda cell, attack: model)
     resolved = SimpleNamespace(suite=SimpleNamespace(checks=SimpleNamespace(subset=16)))
     cell = SimpleNamespace(defense=SimpleNamespace(id="d"), attack=SimpleNamespace(id="a"))
     return gradient_correctness(resolved=resolved, cell=cell, comps=comps)
@@ -189,6 +192,14 @@ def test_gradient_check_passes_exact_and_fails_a_broken_gradient(monkeypatch):
 def test_gradient_check_skips_attacks_that_do_not_differentiate_the_defense(access):
     result = _run_check(DiffPure(TinyConvScore(seed=3), t_star=0.2, dt=1e-2), access=access)
     assert result.status == "skipped" and result.reason == "the attack does not differentiate the defense"
+
+
+def test_gradient_check_says_when_the_attack_follows_a_surrogate():
+    pur = DiffPure(TinyConvScore(seed=3), t_star=0.2, dt=1e-2)
+    result = _run_check(pur, follows=pur.surrogate("fewer-steps", steps=2))
+    assert result.status == "skipped" and result.numbers["mode"] == "surrogate"
+    assert result.reason.startswith("the attack follows a surrogate of the defense")
+    assert gradient_note([{"name": "gradient-correctness", "numbers": result.numbers}]) == "surrogate (its own solve)"
 
 
 class _NoImplicitDevice(torch.overrides.TorchFunctionMode):
