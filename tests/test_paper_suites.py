@@ -430,6 +430,7 @@ def _subset(actual: dict, expected: dict, where: str) -> None:
         if isinstance(want, float):
             assert got == pytest.approx(want), f"{where}.{key}: {got} != {want}"
         elif isinstance(want, dict):
+            assert isinstance(got, dict), f"{where}.{key}: {got!r} is not a mapping"
             _subset(got, want, f"{where}.{key}")
         else:
             assert got == want, f"{where}.{key}: {got!r} != {want!r}"

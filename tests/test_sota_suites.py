@@ -18,6 +18,7 @@ import pytest
 from benchkit import resolve
 from benchkit.cli import main
 from conftest import ROOT
+from test_paper_suites import _dump, _subset
 
 SUITES = {"cifar10_diffattack", "cifar10_diffhammer", "cifar10_diffbreak"}
 
@@ -168,21 +169,6 @@ def _published(ref) -> tuple:
     return m["paper"], (ref.classifier, cell, m["table"], m["row"], m["column"], ref.standard, ref.robust)
 
 
-def _dump(model) -> dict:
-    return model.model_dump() if hasattr(model, "model_dump") else dict(model)
-
-
-def _subset(actual: dict, expected: dict, where: str) -> None:
-    for key, want in expected.items():
-        assert key in actual, f"{where}: no param {key!r}"
-        got = actual[key]
-        if isinstance(want, float):
-            assert got == pytest.approx(want), f"{where}.{key}: {got} != {want}"
-        elif isinstance(want, dict):
-            assert isinstance(got, dict), f"{where}.{key}: {got!r} is not a mapping"
-            _subset(got, want, f"{where}.{key}")
-        else:
-            assert got == want, f"{where}.{key}: {got!r} != {want!r}"
 
 
 # ---------------------------------------------------------------- tests
