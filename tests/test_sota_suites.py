@@ -169,8 +169,6 @@ def _published(ref) -> tuple:
     return m["paper"], (ref.classifier, cell, m["table"], m["row"], m["column"], ref.standard, ref.robust)
 
 
-
-
 # ---------------------------------------------------------------- tests
 
 
