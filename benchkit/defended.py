@@ -63,12 +63,6 @@ class Identity(Purifier):
 LossFn = Callable[[Tensor, Tensor], Tensor]
 
 
-def _repeat(y: Tensor, k: int) -> Tensor:
-    """k copies of the labels along the batch (repeat-major, like the EOT copies); labels may carry
-    more than one column per image (e.g. true and target class)."""
-    return y.repeat(k, *([1] * (y.dim() - 1)))
-
-
 class DefendedModel(nn.Module):
     """classifier(purifier(x)) with a chosen gradient mode and batched EOT.
 
@@ -159,7 +153,7 @@ class DefendedModel(nn.Module):
         start = 0
         for k in self.chunk_sizes(x.shape[0], n_eff):
             logits = self._copies(x, keys, noise, start, k)
-            total = total + loss_fn(logits, _repeat(y, k)).view(k, -1).sum(0)
+            total = total + loss_fn(logits, y.repeat(k)).view(k, -1).sum(0)
             start += k
         return total / n_eff
 
@@ -178,7 +172,7 @@ class DefendedModel(nn.Module):
         b = x.shape[0]
         return self.eot_loss_and_grad(
             lambda xr, noise: loss_fn(self.classifier(self.purifier.purify(xr, gradient=self.gradient, noise=noise)),
-                                      _repeat(y, xr.shape[0] // b)), x, n, noise=noise)
+                                      y.repeat(xr.shape[0] // b)), x, n, noise=noise)
 
     def eot_loss_and_grad(self, row_loss: Callable[[Tensor, Noise | None], Tensor], x: Tensor, n: int, *,
                           noise: Noise | None = None) -> tuple[Tensor, Tensor]:
