@@ -19,9 +19,6 @@ EOTAverage = Literal["loss", "logits"]
 # verification protocol judges best (fewest correct verdicts, DiffHammer's N-evaluation), re-judged with
 # fresh purifications every `select_every` steps.
 Select = Literal["loss", "protocol"]
-# Who decides an attack's target class (targeted mode): a uniform other class per image, the clean
-# prediction's least likely class, or its most likely wrong class (AutoAttack's first target).
-TargetChoice = Literal["random", "least-likely", "second"]
 
 
 class SurrogateSpec(Params):

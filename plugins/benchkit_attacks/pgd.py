@@ -21,8 +21,8 @@ from benchkit.threat import L2, Linf, ThreatModel, make_threat
 
 from benchkit_attacks.iterates import BestIterate
 from benchkit_attacks.losses import LOSSES
-from benchkit_attacks.params import EOTAverage, GradientMode, LossName, PGDSchedule, SurrogateSpec, TargetChoice
-from benchkit_attacks.targets import choose_targets, targeted_objective
+from benchkit_attacks.params import EOTAverage, GradientMode, LossName, PGDSchedule, SurrogateSpec
+from benchkit_attacks.targets import TargetHow, choose_targets, targeted_objective
 
 Objective = Callable[[Tensor], tuple[Tensor, Tensor]]
 # callback(step, x_adv, loss, grad) after every gradient evaluation (adaptive attacks, logging); step
@@ -35,7 +35,11 @@ def chain(*callbacks: Callback | None) -> Callback | None:
     cbs = [c for c in callbacks if c is not None]
     if len(cbs) <= 1:
         return cbs[0] if cbs else None
-    return lambda *a: [c(*a) for c in cbs] and None
+
+    def each(*args) -> None:
+        for c in cbs:
+            c(*args)
+    return each
 
 
 def _per_image(v: Tensor, x: Tensor) -> Tensor:
@@ -200,8 +204,8 @@ class PGDParams(PGDSchedule):
     eot_average: EOTAverage = "loss"
     gradient: GradientMode = "exact"
     surrogate: SurrogateSpec | None = Field(None, description="differentiate a cheaper stand-in of the defense")
-    targeted: TargetChoice | None = Field(None, description="targeted mode: maximise the target class (chosen per "
-                                                            "image, see TargetChoice); None: untargeted")
+    targeted: TargetHow | None = Field(None, description="targeted mode: maximise the target class (chosen per "
+                                                         "image, see targets.choose_targets); None: untargeted")
 
 
 class PGDEOT(GradientAttack):
