@@ -119,11 +119,16 @@ class DefendedModel(nn.Module):
             noise.bind(noise.open(x), range(1))
         return self.purifier.purify(x, gradient=gradient or self.gradient, noise=noise)
 
-    def _copies(self, x: Tensor, keys, noise: Noise | None, start: int, k: int) -> Tensor:
-        """Logits of k stacked copies of x (repeat-major), copies start..start+k-1 of its EOT samples."""
+    @staticmethod
+    def _stacked(x: Tensor, keys, noise: Noise | None, start: int, k: int) -> Tensor:
+        """k stacked copies of x (repeat-major), the noise bound to its EOT samples start..start+k-1."""
         if isinstance(noise, ImageStreams):
             noise.bind(keys, range(start, start + k))
-        xr = x.repeat(k, *([1] * (x.dim() - 1))) if k > 1 else x
+        return x.repeat(k, *([1] * (x.dim() - 1))) if k > 1 else x
+
+    def _copies(self, x: Tensor, keys, noise: Noise | None, start: int, k: int) -> Tensor:
+        """Logits of k stacked copies of x (repeat-major), copies start..start+k-1 of its EOT samples."""
+        xr = self._stacked(x, keys, noise, start, k)
         return self.classifier(self.purifier.purify(xr, gradient=self.gradient, noise=noise))
 
     def _open(self, x: Tensor, noise: Noise | None):
@@ -188,11 +193,8 @@ class DefendedModel(nn.Module):
         start = 0
         for k in self.chunk_sizes(x.shape[0], n_eff):
             xk = x.clone().requires_grad_(True)
-            if isinstance(noise, ImageStreams):
-                noise.bind(keys, range(start, start + k))
             with torch.enable_grad():
-                xr = xk.repeat(k, *([1] * (x.dim() - 1))) if k > 1 else xk
-                loss = row_loss(xr, noise)
+                loss = row_loss(self._stacked(xk, keys, noise, start, k), noise)
                 (g,) = torch.autograd.grad(loss.sum(), xk)
             loss_total += loss.detach().view(k, -1).sum(0)
             grad_total += g
@@ -243,10 +245,7 @@ class DefendedModel(nn.Module):
         """(purified [k B, ...], logits [k, B, classes]) per chunk of `sizes` EOT copies, no graph."""
         start = 0
         for k in sizes:
-            if isinstance(noise, ImageStreams):
-                noise.bind(keys, range(start, start + k))
-            xr = x.repeat(k, *([1] * (x.dim() - 1))) if k > 1 else x
-            purified = self.purifier.purify(xr, gradient="none", noise=noise)
+            purified = self.purifier.purify(self._stacked(x, keys, noise, start, k), gradient="none", noise=noise)
             yield purified, self.classifier(purified).view(k, x.shape[0], -1)
             start += k
 

@@ -202,11 +202,14 @@ class DiffPure(Purifier):
 
 class GradientAgreement(dict):
     """{gradient mode: cosine with the reference}, plus how the reference was computed (`reference`,
-    a phrase) and on how many images (`images`), for benchkit.checks' gradient-correctness verdict."""
+    a phrase), on how many images (`images`) and, per mode, what it was compared with (`against`:
+    "exact" where the trusted exact gradient served as the reference), for benchkit.checks'
+    gradient-correctness verdict."""
 
-    def __init__(self, cosines: dict[str, float], reference: str, images: int):
+    def __init__(self, cosines: dict[str, float], reference: str, images: int, against: dict[str, str] | None = None):
         super().__init__(cosines)
         self.reference, self.images = reference, images
+        self.against = against or {m: "reference" for m in cosines}
 
 
 # Central differences along random N(0, I) directions with this step per pixel: the directional
@@ -264,4 +267,4 @@ def gradient_agreement(purify: Callable[..., Tensor], modes: tuple[str, ...], x:
         return GradientAgreement(projected, how, x.shape[0])
     return GradientAgreement({m: projected[m] if m == "exact" else cos(grads[m], grads["exact"]) for m in modes},
                              f"exact vs {how}, {', '.join(m for m in modes if m != 'exact')} vs the exact gradient",
-                             x.shape[0])
+                             x.shape[0], {m: "reference" if m == "exact" else "exact" for m in modes})
