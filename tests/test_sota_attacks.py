@@ -17,7 +17,7 @@ from benchkit.attack import AttackResult
 from benchkit.cli import main
 from benchkit.defended import DefendedModel
 from benchkit.evaluate import CellFailure, check_result
-from benchkit.noise import PerExampleNoise, derive_seed
+from benchkit.noise import PerExampleNoise
 from benchkit.protocol import Protocol
 from benchkit.threat import Linf
 from benchkit_attacks.apgd import apgd, checkpoints
@@ -29,7 +29,7 @@ from benchkit_diffpure import sde
 from benchkit_diffpure.purifier import DiffPure
 from conftest import write
 from diffpure_helpers import TinyConvScore
-from test_attacks import accuracy, build, cnn, data, make_ctx, run  # noqa: F401 - fixtures
+from test_attacks import accuracy, build, cnn, data, run  # noqa: F401 - fixtures
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

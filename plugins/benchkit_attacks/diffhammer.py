@@ -35,6 +35,7 @@ from benchkit.noise import PerExampleNoise, derive_seed
 from benchkit.threat import Linf, make_threat
 
 from benchkit_attacks.apgd import apgd
+from benchkit_attacks.iterates import KeptIterates
 from benchkit_attacks.losses import LOSSES
 from benchkit_attacks.params import LossName, NormBudget, SurrogateSpec
 from benchkit_attacks.pgd import GradientAttack, chain, with_best
@@ -70,27 +71,6 @@ def em_gradient(loss: Tensor, g: Tensor, eps: float, lam: float, linf: bool) -> 
     cols = torch.arange(g.shape[1], device=g.device)
     q = torch.sigmoid(lam * (loss + eps * gain[a_star, :, cols].T))    # [N, B]
     return (q[..., None] * g).sum(0) / q.sum(0)[:, None].clamp_min(1e-12), a_star
-
-
-class HammerTracker:
-    """The N-evaluation: per image, the iterate with the smallest share of correct purifications
-    (ties: the higher mean loss), the step that produced it, and the number of judged iterates."""
-
-    def __init__(self, x: Tensor):
-        self.examples = x.detach().clone()
-        self.share = torch.full((x.shape[0],), float("inf"), device=x.device)
-        self.loss = torch.full((x.shape[0],), float("-inf"), device=x.device)
-        self.iteration = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
-
-    def update(self, step: int, x_adv: Tensor, correct: Tensor, loss: Tensor) -> None:
-        share, mean = correct.float().mean(0), loss.mean(0)
-        better = (share < self.share) | ((share == self.share) & (mean > self.loss))
-        self.examples[better], self.iteration[better] = x_adv[better].detach(), step
-        self.share[better], self.loss[better] = share[better], mean[better]
-
-    @property
-    def robust(self) -> Tensor:
-        return self.share >= 1.0
 
 
 def purify_samples(model: DefendedModel, loss_fn, z: Tensor, y: Tensor, seeds: list[list[int]]
@@ -143,7 +123,7 @@ class DiffHammer(GradientAttack):
         p, b = self.params, x.shape[0]
         grad_model = self.view(model)   # the surrogate, if any; the N-evaluation stays on `model`
         linf = isinstance(self.threat, Linf)
-        tracker = HammerTracker(x)
+        tracker = KeptIterates(x)   # the N-evaluation
         best = self.selector(model, x, y, ctx) if p.select == "protocol" else None
         state: dict = {"step": 0}
 
@@ -153,7 +133,7 @@ class DiffHammer(GradientAttack):
             base = (ctx.noise.rand((b,), device="cpu", dtype=torch.float64) * 2**53).long().tolist()
             seeds = [[derive_seed("diffhammer", base[i], j) for i in range(b)] for j in range(p.n)]
             loss, correct, g = purify_samples(model, state["loss_fn"], z, y, seeds)
-            tracker.update(step, z, correct, loss)
+            tracker.update(step, z, correct.float().mean(0), loss.mean(0))
             em, a_star = em_gradient(loss, g, self.threat.eps, p.em_lambda, linf)
             grad = grafted_gradient(grad_model, z, em, [seeds[int(a_star[i])][i] for i in range(b)])
             t = step % (p.steps + 1)

@@ -67,7 +67,7 @@ from benchkit.threat import L2, Linf, ThreatModel
 
 from benchkit_attacks.losses import LOSSES, LossFn
 from benchkit_attacks.params import EOTAverage, GradientMode, LossName, PGDSchedule
-from benchkit_attacks.pgd import Callback, GradientAttack, Objective, chain, pgd, with_best
+from benchkit_attacks.pgd import Callback, GradientAttack, Objective, _per_image, chain, pgd, with_best
 
 
 def dct_matrix(n: int, *, device: torch.device | str | None = None, dtype: torch.dtype = torch.float32) -> Tensor:
@@ -118,10 +118,6 @@ class LowPass:
         return torch.where(total > 0, high / total.clamp_min(1e-30), torch.zeros_like(total))
 
 
-def _rows(v: Tensor, x: Tensor) -> Tensor:
-    return v.view(-1, *([1] * (x.dim() - 1)))
-
-
 class _BandLimited:
     """Mixin for a norm ball whose points are band-limited: project(x, z) = x + s P(z - x), the
     scale s <= 1 putting it inside the ball. Idempotent, and no [0, 1] clamp: the iterate is mapped
@@ -135,7 +131,7 @@ class _BandLimited:
         d = self.lowpass(x_adv - x)
         flat = d.flatten(1)
         norm = flat.abs().amax(1) if isinstance(self, Linf) else flat.norm(dim=1)
-        return x + d * _rows(torch.clamp(self.eps / norm.clamp_min(1e-12), max=1.0), x)
+        return x + d * _per_image(torch.clamp(self.eps / norm.clamp_min(1e-12), max=1.0), x)
 
 
 class BandLinf(_BandLimited, Linf):
