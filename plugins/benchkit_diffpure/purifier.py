@@ -45,6 +45,8 @@ class DiffPure(Purifier):
     """
 
     stochastic = True
+    SURROGATES = ("fewer-steps", "forward-only")
+    forward_only = False   # set on the forward-only surrogate (see surrogate)
 
     def __init__(self, score_model: ScoreModel, sampler: str = "vp-sde", t_star: float = 0.1, t_delta: float = 0.0,
                  dt: float = 1e-3, ld_sigma2: float = 100.0, ld_lambda: float = 0.1, ld_eta: float = 1.0,
@@ -155,9 +157,6 @@ class DiffPure(Purifier):
         # forward-only: the diffused input itself (Eq. 3), the reverse solve skipped.
         out = sde.from_centered(x_t if self.forward_only else self._solve(x_c, t_star, x_t, gradient, noise))
         return out.clamp(0.0, 1.0) if self.clamp else out
-
-    forward_only = False
-    SURROGATES = ("fewer-steps", "forward-only")
 
     def surrogate(self, kind: str, *, steps: int | None = None) -> "DiffPure":
         """A cheaper stand-in for attacks to differentiate (the host still verifies on this defense),
