@@ -130,7 +130,10 @@ def run(resolved: ResolvedSuite, store: Store, executor: Executor, *, sizes: dic
     plans = plan(resolved, sizes, store, limit)
     suite = resolved.suite
     prov = provenance | {"cell_ids": {p.cell.key: p.cell_id for p in plans},
-                         "cell_n": {p.cell.key: p.n for p in plans}, "limit": limit}
+                         "cell_n": {p.cell.key: p.n for p in plans}, "limit": limit,
+                         "dataset_n": {p.cell.key: sizes[p.cell.key] for p in plans},
+                         # The budget each attack's examples are verified against, as the report shows it.
+                         "threats": {k: {"norm": t.name, "eps": t.eps} for k, t in resolved.threats.items()}}
     run_id = store.start_run(suite.suite, str(resolved.path.resolve()), stable_hash(suite_json), suite_json, prov)
     if announce:
         announce(plans)
