@@ -95,10 +95,33 @@ def suite_assets(suite, path: str) -> list[tuple[str, Asset, Path]]:
 
 
 def checklist(items: list[tuple[str, Asset, Path]]) -> list[str]:
-    lines = []
+    """One line per file, whatever number of components need it (each place is named)."""
+    places: dict[Path, tuple[Asset, list[str]]] = {}
     for where, asset, p in items:
+        places.setdefault(p, (asset, []))[1].append(where)
+    lines = []
+    for p, (asset, wheres) in places.items():
         mark = "ok     " if p.exists() else "MISSING"
         facts = "; ".join(f for f in (f"sha256 {asset.sha256}" if asset.sha256 else "",
                                       f"{asset.size:,} bytes" if asset.size else "") if f)
-        lines.append(f"[{mark}] {p}  <- {asset.source}{'  (' + facts + ')' if facts else ''}  [{where}]")
+        lines.append(f"[{mark}] {p}  <- {asset.source}{'  (' + facts + ')' if facts else ''}  [{_places(wheres)}]")
     return lines
+
+
+def missing(items: list[tuple[str, Asset, Path]]) -> list[tuple[str, Asset, Path]]:
+    """The items whose file is absent, each file once."""
+    seen: set[Path] = set()
+    out = []
+    for item in items:
+        if not item[2].exists() and item[2] not in seen:
+            seen.add(item[2])
+            out.append(item)
+    return out
+
+
+def _places(wheres: list[str]) -> str:
+    # 'suite.yaml: defenses[1], defenses[2]' rather than the file name twice.
+    file = wheres[0].split(": ", 1)[0]
+    if all(w.split(": ", 1)[0] == file and ": " in w for w in wheres):
+        return f"{file}: " + ", ".join(dict.fromkeys(w.split(": ", 1)[1] for w in wheres))
+    return "; ".join(dict.fromkeys(wheres))

@@ -7,7 +7,7 @@ registered, never the attack object's own say), and classifies the examples itse
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Callable, Literal
 
 import torch
 from torch import Tensor, nn
@@ -51,6 +51,9 @@ class AttackContext:
     that only take one seed. `undefended` is the bare classifier (transfer attacks). `protocol` is
     the suite's verification protocol, for attacks that judge their own iterates the way the host
     will judge the returned example (with their own noise: the host's verification seeds are its own).
+    An attack may report how far it has got with `progress(done, total)`; the host draws it as
+    progress inside the running shard. `on_progress` is the host's receiver of those reports (None:
+    nobody shows them, e.g. on a Ray worker); attacks call `progress`, never `on_progress`.
     """
     device: torch.device
     seed: int
@@ -58,6 +61,14 @@ class AttackContext:
     undefended: nn.Module | None = None
     batch_size: int = 64
     protocol: Protocol = field(default_factory=Protocol)
+    on_progress: Callable[[int, int], None] | None = None
+
+    def progress(self, done: int, total: int) -> None:
+        """Report that `done` of `total` units of this call's work are finished, in units of the
+        attack's choosing (e.g. gradient evaluations over all restarts), `total` fixed for the call.
+        Optional: an attack that never reports still runs; it only shows as one block per shard."""
+        if self.on_progress is not None and total > 0:
+            self.on_progress(done, total)
 
 
 class Attack:

@@ -189,6 +189,53 @@ def gradient_note(checks: list[dict]) -> str:
     return f"{mode} · cos {nums[f'cosine_{mode}']:.2f} vs {nums.get('against', 'reference')}"
 
 
+# ------------------------------------------------------------------ what the leaderboard says about a check
+
+# Badge labels: the leaderboard shows one badge per check, so each label stays a few characters.
+SHORT = {"robust-le-clean": "rob≤clean", "gradients": "grads", "attack-undefended": "undef",
+         "unbounded-budget": "unbounded", "eot-convergence": "EOT", "gradient-correctness": "grad-cos",
+         "black-box-vs-white-box": "bb≤wb", "checks": "checks"}
+
+# What a researcher can do about a failing check: one sentence or two, printed after the check's reason.
+ADVICE = {
+    "robust-le-clean": "more images survive the attack than are classified correctly without it, so the attack or "
+                       "the evaluation is broken: check that the attack maximises the loss (the sign of its step) "
+                       "and returns its examples in the order of its inputs; do not report this cell's numbers",
+    "gradients": "the attack got zero or non-finite gradients on many images, the mark of gradient masking (a "
+                 "non-differentiable, saturating or quantising step in the defense): attack through BPDA "
+                 "(a bpda-eot attack, or `gradient: bpda` on the defense) or with a gradient-free attack "
+                 "(square) and report the lower number, or fix the defense's backward pass",
+    "attack-undefended": "the attack does not break the undefended classifier on the same images, so it is too weak "
+                         "at this budget or broken: raise its steps or restarts, check its step size against eps "
+                         "and its loss; until this passes, the defended cell's robust accuracy is only an upper bound",
+    "unbounded-budget": "with the budget lifted the attack should drive accuracy to about 0%; as it does not, the "
+                        "gradients it follows are masked or obfuscated: attack with exact or BPDA gradients, more "
+                        "EOT samples, or a gradient-free attack (square), and treat this robust accuracy as unreliable",
+    "eot-convergence": "robust accuracy still moves when the attack's EOT samples double, so the attack has not "
+                       "averaged out the defense's randomness: raise the attack's `eot` param (e.g. double it) until "
+                       "n and 2n samples agree within 2 points, and report that number",
+    "gradient-correctness": "the gradient the attack follows disagrees with the solver's true gradient (cosine "
+                            "< 0.9), so the attack is misled: attack with `gradient: exact` on the defense (or more "
+                            "solver steps for adjoint) and report that robust accuracy",
+    "black-box-vs-white-box": "a query-only attack beats the best gradient attack on this defense, so the gradients "
+                              "are unreliable (masked): trust the lower number, and strengthen the white-box attack "
+                              "(exact or BPDA gradients, more EOT samples, more steps)",
+    "checks": "the checks themselves raised an error (see the reason): fix the plugin or setting it names; the "
+              "cell's numbers stand, but unchecked",
+}
+
+# A check that raised is recorded as failed with a reason starting so (run_checks): its advice is about
+# the crash, not the check.
+CRASHED = "check could not run"
+
+
+def advice(name: str, reason: str) -> str:
+    """What to do about a failing check, from its name and reason."""
+    if reason.startswith(CRASHED):
+        return ADVICE["checks"]
+    return ADVICE.get(name, "see the check's reason and numbers, and rerun once the cause is fixed")
+
+
 CROSS_CELL = ("black-box-vs-white-box",)
 
 
@@ -213,7 +260,7 @@ def run_checks(resolved: ResolvedSuite, comps: Components, cell: Cell, examples:
         try:
             results.append(fn(resolved=resolved, cell=cell, comps=comps, summary=summary, shard_stats=shard_stats))
         except Exception as exc:  # noqa: BLE001 - a broken check must not lose the cell's results
-            results.append(CheckResult(name, "fail", f"check could not run: {type(exc).__name__}: {exc}"))
+            results.append(CheckResult(name, "fail", f"{CRASHED}: {type(exc).__name__}: {exc}"))
     return results
 
 

@@ -115,6 +115,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         return 130
     data = report.collect(store, outcome.run_id)
     print(report.table(data))
+    for line in report.check_advice(data):
+        print(f"benchkit: {line}", file=sys.stderr)
     html = report.render_html(data, out / "leaderboard.html")
     for f in outcome.failures:
         print(f"benchkit: cell failed: {f}", file=sys.stderr)
@@ -124,25 +126,25 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def _require_assets(resolved) -> None:
     """Every declared file present before anything runs; else the checklist of missing ones."""
-    from benchkit.assets import checklist
+    from benchkit.assets import checklist, missing
 
-    missing = [item for item in resolved.assets() if not item[2].exists()]
-    if missing:
-        raise BadInput([f"{len(missing)} asset(s) missing; nothing was run (set BENCHKIT_HOME or the params' path):"]
-                       + checklist(missing))
+    items = resolved.assets()
+    if absent := missing(items):
+        raise BadInput([f"{len(absent)} file(s) missing; nothing was run (set BENCHKIT_HOME or the params' path):"]
+                       + checklist([i for i in items if not i[2].exists()]))
 
 
 def cmd_assets(args: argparse.Namespace) -> int:
     from benchkit import resolve
-    from benchkit.assets import checklist
+    from benchkit.assets import checklist, missing
 
-    missing = 0
+    absent = 0
     for path in args.suites:
         items = resolve.load(path).assets()
         for line in checklist(items) or [f"{path}: no files needed beyond the installed packages"]:
             print(line)
-        missing += sum(not p.exists() for _, _, p in items)
-    return EXIT_BAD_INPUT if missing else EXIT_OK
+        absent += len(missing(items))
+    return EXIT_BAD_INPUT if absent else EXIT_OK
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
@@ -163,17 +165,78 @@ def cmd_validate(args: argparse.Namespace) -> int:
 def cmd_ls(args: argparse.Namespace) -> int:
     from benchkit import registry
 
-    if args.kind == "suites":
-        root = Path(args.dir)
-        for p in sorted(root.glob("*.yaml")):
-            print(p)
-        return EXIT_OK
-    kinds = [args.kind] if args.kind else list(registry.kinds())
+    kinds = [args.kind] if args.kind else [*registry.kinds(), "suites"]
     for kind in kinds:
         print(f"{kind}:")
+        if kind == "suites":
+            for path, description in _suites(args.dir):
+                print(f"  {path.stem:28s} {description}")
+            continue
         for e in registry.get(kind):
             print(f"  {e.id:18s} {e.description}  [{e.plugin}]")
+    print("(benchkit describe ID: a component's parameters and defaults)")
     return EXIT_OK
+
+
+def _suites(folder: str | None) -> list[tuple[Path, str]]:
+    """The suites of a folder (default: the shipped ones, runnable by name), each with the first
+    sentence of its description."""
+    import yaml
+
+    from benchkit.suite import shipped
+
+    paths = sorted(Path(folder).glob("*.yaml")) if folder else shipped()
+    if folder and not Path(folder).is_dir():
+        raise BadInput(f"--dir {folder}: not a folder")
+    out = []
+    for path in paths:
+        try:
+            text = (yaml.safe_load(path.read_text()) or {}).get("description") or ""
+        except (yaml.YAMLError, AttributeError, OSError):
+            text = "(cannot be read: `benchkit validate` says why)"
+        text = " ".join(str(text).split())
+        out.append((path if folder else Path(path.stem), text if len(text) <= 90 else text[:89] + "…"))
+    return out
+
+
+def cmd_describe(args: argparse.Namespace) -> int:
+    """A component's parameters with types, defaults and descriptions, from its params model."""
+    import difflib
+
+    from tabulate import tabulate
+
+    from benchkit import registry
+    from benchkit.params import describe_fields
+
+    kinds = [args.kind] if args.kind else list(registry.kinds())
+    entries = [registry.get(k).entries[args.id] for k in kinds if args.id in registry.get(k)]
+    if not entries:
+        known = sorted({e.id for k in kinds for e in registry.get(k)})
+        close = difflib.get_close_matches(args.id, known, n=1, cutoff=0.6)
+        raise BadInput(f"describe: no component '{args.id}'" + (f"; did you mean '{close[0]}'?" if close
+                                                                 else " (benchkit ls lists them)"))
+    for i, e in enumerate(entries):
+        print(("\n" if i else "") + f"{e.id} ({e.kind[:-1]}, plugin {e.plugin}): {e.description}")
+        doc = " ".join((e.params.__doc__ or "").split())
+        if doc and e.params.__doc__ != type(e.params).__doc__:
+            print(doc)
+        if e.kind == "defenses":
+            from benchkit.defended import supported_modes
+
+            modes = ("depend on the params" if callable(e.gradient_modes) else
+                     "declared when built" if e.gradient_modes is None else ", ".join(supported_modes(e.gradient_modes)))
+            print(f"gradient modes: {modes}")
+        rows = [[r["name"], r["type"], _default(r["default"]), r["description"]] for r in describe_fields(e.params)]
+        print(tabulate(rows, headers=["parameter", "type", "default", "description"], disable_numparse=True,
+                       maxcolwidths=[None, 30, 24, 70]) if rows else "no parameters")
+    return EXIT_OK
+
+
+def _default(value) -> str:
+    # Budgets are written as papers write them: 8/255 rather than 0.0313725...
+    if isinstance(value, float) and not value.is_integer() and abs(value * 255 - round(value * 255)) < 1e-9:
+        return f"{round(value * 255)}/255"
+    return value if isinstance(value, str) else repr(value)
 
 
 def cmd_plugins(args: argparse.Namespace) -> int:
@@ -195,12 +258,14 @@ def cmd_report(args: argparse.Namespace) -> int:
     if args.index is not None:
         if not Path(args.index).is_dir():
             raise BadInput(f"--index {args.index}: not a folder")
-        idx = report.index(Path(args.index))
+        from benchkit import index
+
+        idx = index.index(Path(args.index))
         if not idx["runs"]:
             raise BadInput(f"--index {args.index}: no results.sqlite under this folder")
-        print(report.index_table(idx, args.format))
+        print(index.index_table(idx, args.format))
         if args.html:
-            print(f"index: {report.render_index(idx, Path(args.html)).resolve()}", file=sys.stderr)
+            print(f"index: {index.render_index(idx, Path(args.html)).resolve()}", file=sys.stderr)
         return EXIT_OK
     db = Path(args.dir) / "results.sqlite"
     if not db.is_file():
@@ -208,6 +273,9 @@ def cmd_report(args: argparse.Namespace) -> int:
     store = Store(db)
     data = report.collect(store)
     print(report.table(data, args.format))
+    if args.format == "table":
+        for line in report.check_advice(data):
+            print(f"benchkit: {line}", file=sys.stderr)
     if args.html:
         print(f"leaderboard: {report.render_html(data, Path(args.html)).resolve()}", file=sys.stderr)
     return EXIT_OK
@@ -238,6 +306,12 @@ def cmd_purify(args: argparse.Namespace) -> int:
             continue
         a = a[:, :, :-1] if a.shape[2] in (2, 4) else a              # drop alpha
         images.append((path, torch.from_numpy(a.transpose(2, 0, 1).astype("float32") / 255.0)[None]))
+    if (shape := _image_shape(resolved)) is not None:
+        for path, x in images:
+            if tuple(x.shape[1:]) != shape:
+                problems.append(f"{path}: the image is {_shape_text(tuple(x.shape[1:]))}, but defense "
+                                f"'{args.defense}' of {args.suite} works on {_shape_text(shape)} images (the suite's "
+                                f"{suite.dataset.plugin} data): convert and resize it first")
     stems = [p.stem for p, _ in images]
     problems += [f"{p}: another input is also named {p.stem}.png; outputs would overwrite each other"
                  for p, _ in images if stems.count(p.stem) > 1]
@@ -271,6 +345,22 @@ def cmd_purify(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _image_shape(resolved) -> tuple[int, int, int] | None:
+    """(C, H, W) of the suite's images, which its defenses are built for; None when the dataset
+    cannot be built here (e.g. its files are absent): the defense then judges the input itself."""
+    from benchkit.errors import MissingAsset
+
+    try:
+        return tuple(resolved.dataset.build().get([0])[0].shape[1:])
+    except (BadInput, MissingAsset, FileNotFoundError, OSError):
+        return None
+
+
+def _shape_text(shape: tuple[int, int, int]) -> str:
+    channels = {1: "grey", 3: "RGB"}.get(shape[0], f"{shape[0]}-channel")
+    return f"{channels} {shape[1]}x{shape[2]}"
+
+
 def build_parser() -> argparse.ArgumentParser:
     from benchkit import registry
     from benchkit.plugins import get_plugin_manager
@@ -296,16 +386,22 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("assets", help="checklist of the checkpoints and data files suites need")
     p.add_argument("suites", nargs="+")
     p.set_defaults(func=cmd_assets)
-    p = sub.add_parser("ls", help="list registered components or suites")
+    p = sub.add_parser("ls", help="list registered components and suites")
     p.add_argument("kind", nargs="?", choices=[*registry.kinds(), "suites"])
-    p.add_argument("--dir", default="suites", help="with 'suites': the folder to list")
+    p.add_argument("--dir", help="with 'suites': list this folder's suites (default: the shipped ones, "
+                                 "which `benchkit run NAME` finds from any folder)")
     p.set_defaults(func=cmd_ls)
+    p = sub.add_parser("describe", help="a component's parameters: types, defaults, descriptions")
+    p.add_argument("id", help="a component id, e.g. pgd-eot, diffpure, digits (benchkit ls)")
+    p.add_argument("--kind", choices=list(registry.kinds()), help="only this kind (when ids collide across kinds)")
+    p.set_defaults(func=cmd_describe)
     p = sub.add_parser("plugins", help="installed plugins, versions and hooks")
     p.set_defaults(func=cmd_plugins)
     p = sub.add_parser("report", help="print a stored run's leaderboard, or an index of the runs in a folder")
     p.add_argument("dir", nargs="?")
-    p.add_argument("--index", metavar="PARENT_DIR", help="index every run folder (results.sqlite) under PARENT_DIR, "
-                   "with mean ± std over seeds for suites run with several seeds")
+    p.add_argument("--index", metavar="PARENT_DIR", help="index every run folder (results.sqlite) under PARENT_DIR: "
+                   "each defense's worst case over its attacks, and mean ± std over seeds of runs whose "
+                   "configuration matches")
     p.add_argument("--html", help="also write the HTML leaderboard (or, with --index, the index page) here")
     p.add_argument("--format", choices=["table", "json", "csv"], default="table")
     p.set_defaults(func=cmd_report)
@@ -327,11 +423,18 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     try:
         args = build_parser().parse_args(argv)
-        return int(args.func(args) or 0)
+        status = int(args.func(args) or 0)
+        sys.stdout.flush()   # inside the try: a closed pipe found at exit would escape as a traceback
+        return status
     except BadInput as exc:
         for line in exc.problems:
             print(f"benchkit: error: {line}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except BrokenPipeError:
+        # The reader left (`report --format json | head`): what it took was what it wanted. Point
+        # stdout at /dev/null so the interpreter's final flush cannot raise again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_OK
 
 
 if __name__ == "__main__":

@@ -1,14 +1,18 @@
 """DefendedModel = classifier o purifier: what every attack receives.
 
-Gradient modes (the purifier declares which it supports):
+Gradient modes:
   exact    backpropagation through the purifier (checkpointed solvers keep memory bounded)
   adjoint  the purifier's adjoint method (torchsde), as DiffPure evaluates itself
   bpda     forward through the purifier, identity backward (Athalye et al. 2018)
   none     no gradient through the purifier at all (the input gets none either)
+
+A purifier declares in `gradient_modes` the modes its `_purify` implements (exact, adjoint). The
+host derives bpda and none from any forward pass, so every purifier supports them whatever it
+declares: `supported_modes` is the one place that says which modes a purifier offers.
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Iterable
 
 import torch
 from torch import Tensor, nn
@@ -16,21 +20,37 @@ from torch import Tensor, nn
 from benchkit.noise import GLOBAL_NOISE, ImageStreams, Noise
 
 GRADIENT_MODES = ("exact", "adjoint", "bpda", "none")
+# Modes the host derives from a forward pass without gradient (Purifier.purify): always available.
+HOST_MODES = ("bpda", "none")
+
+
+def supported_modes(source: "Purifier | Iterable[str]") -> tuple[str, ...]:
+    """The gradient modes a purifier (or a declaration of modes) offers: the declared ones plus
+    bpda and none, in GRADIENT_MODES order. Unknown names are left out (see unknown_modes)."""
+    declared = set(source.gradient_modes if isinstance(source, Purifier) else source) | set(HOST_MODES)
+    return tuple(m for m in GRADIENT_MODES if m in declared)
+
+
+def unknown_modes(declared: Iterable[str]) -> list[str]:
+    """Declared names that are no gradient mode (a plugin's typo would otherwise vanish silently)."""
+    return [m for m in declared if m not in GRADIENT_MODES]
 
 
 class Purifier(nn.Module):
     """Base class of defenses: `purify(x)` maps [0,1] images to [0,1] images.
 
-    Subclasses implement `_purify(x, gradient, noise)` for the modes they list in
-    `gradient_modes` other than bpda/none, which the host derives generically.
+    Subclasses implement `_purify(x, *, gradient, noise)` and list in `gradient_modes` the modes it
+    implements: exact (autograd through `_purify`) and/or adjoint. bpda and none need nothing from
+    the subclass: the host runs `_purify(x, gradient="none")` without a graph for both (see
+    `supported_modes`); listing them is harmless.
     """
 
     stochastic: bool = False
-    gradient_modes: tuple[str, ...] = ("exact", "bpda", "none")
+    gradient_modes: tuple[str, ...] = ("exact",)
 
     def purify(self, x: Tensor, *, gradient: str = "exact", noise: Noise | None = None) -> Tensor:
-        if gradient not in self.gradient_modes:
-            raise ValueError(f"{type(self).__name__} supports gradient modes {self.gradient_modes}, not {gradient!r}")
+        if gradient not in supported_modes(self):
+            raise ValueError(f"{type(self).__name__} supports gradient modes {supported_modes(self)}, not {gradient!r}")
         noise = noise or GLOBAL_NOISE
         if gradient in ("bpda", "none"):
             with torch.no_grad():
@@ -50,7 +70,7 @@ class Identity(Purifier):
     """No defense: the 'static' undefended classifier of the paper's tables. Every gradient mode
     is the true gradient here, so attacks configured for adjoint gradients run unchanged."""
 
-    gradient_modes = ("exact", "adjoint", "bpda", "none")
+    gradient_modes = ("exact", "adjoint")
 
     def _purify(self, x: Tensor, *, gradient: str, noise: Noise) -> Tensor:
         return x
@@ -58,6 +78,11 @@ class Identity(Purifier):
     def surrogate(self, kind: str, **options) -> "Identity":
         """Nothing is cheaper than no purifier: any surrogate an attack asks for is the identity."""
         return self
+
+
+def default_gradient(purifier: Purifier) -> str:
+    """The mode attacks see when neither they nor the suite choose one: the truest the purifier offers."""
+    return next(m for m in GRADIENT_MODES if m in supported_modes(purifier))
 
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
@@ -77,9 +102,9 @@ class DefendedModel(nn.Module):
         self.purifier = purifier if purifier is not None else Identity()
         if gradient not in GRADIENT_MODES:
             raise ValueError(f"unknown gradient mode {gradient!r}; expected one of {GRADIENT_MODES}")
-        if gradient not in self.purifier.gradient_modes:
+        if gradient not in supported_modes(self.purifier):
             raise ValueError(f"{type(self.purifier).__name__} does not support gradient mode {gradient!r} "
-                             f"(supports {self.purifier.gradient_modes})")
+                             f"(supports {supported_modes(self.purifier)})")
         self.gradient = gradient
         self.max_batch = max_batch
         self.noise = noise
@@ -105,7 +130,7 @@ class DefendedModel(nn.Module):
     def with_purifier(self, purifier: Purifier) -> "DefendedModel":
         """Another purifier (e.g. the defense's cheaper surrogate) in front of the same classifier,
         with the same noise; its own gradient modes decide whether this model's mode carries over."""
-        gradient = self.gradient if self.gradient in purifier.gradient_modes else "exact"
+        gradient = self.gradient if self.gradient in supported_modes(purifier) else "exact"
         return self._view(purifier=purifier, gradient=gradient)
 
     def for_images(self, x: Tensor, seeds: list[int]) -> "DefendedModel":

@@ -11,7 +11,7 @@ from __future__ import annotations
 import time
 import warnings
 from dataclasses import dataclass, field
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 from torch import Tensor
@@ -108,20 +108,30 @@ def check_result(result: object, x: Tensor, threat: ThreatModel) -> tuple[Tensor
     return x_adv, extra
 
 
+def _variant_progress(progress: Callable[[float], None] | None, k: int, n: int) -> Callable[[int, int], None] | None:
+    """The AttackContext receiver of variant k of n: its (done, total) as a fraction of all variants."""
+    if progress is None:
+        return None
+    return lambda done, total: progress((k + min(1.0, max(0.0, done / total))) / n)
+
+
 def run_attack(model: DefendedModel, attack: Attack, threat: ThreatModel, x: Tensor, y: Tensor,
-               indices: Sequence[int], ctx_base: dict, seed_parts: tuple
-               ) -> Iterator[tuple[str, Tensor, dict, AttackResult]]:
+               indices: Sequence[int], ctx_base: dict, seed_parts: tuple,
+               progress: Callable[[float], None] | None = None) -> Iterator[tuple[str, Tensor, dict, AttackResult]]:
     """Run every variant of an attack on copies of (x, y), its randomness and the defense's seeded
     per image, and verify each returned batch against `threat` and the host's own x.
+    `progress` receives the fraction of the attack done, from the variants' `ctx.progress` reports.
     Yields (variant, x_adv, extra, result)."""
-    for variant, sub in attack.variants():
+    variants = attack.variants()
+    for k, (variant, sub) in enumerate(variants):
         parts = (*seed_parts, variant)
         # Only for libraries that draw from the global RNG (pyautoattack): ours draw per image.
         torch.manual_seed(derive_seed(*parts, "global"))
         attacked = model if sub.gradient is None else model.with_gradient(sub.gradient)
         attacked = attacked.for_images(x, [derive_seed(*parts, i, "defense") for i in indices])
         ctx = AttackContext(seed=derive_seed(*parts) % 2**31,
-                            noise=PerExampleNoise([derive_seed(*parts, i, "attack") for i in indices]), **ctx_base)
+                            noise=PerExampleNoise([derive_seed(*parts, i, "attack") for i in indices]),
+                            on_progress=_variant_progress(progress, k, len(variants)), **ctx_base)
         try:
             result = sub.run(attacked, x.clone(), y.clone(), ctx)
         except CellFailure:
@@ -213,8 +223,10 @@ def _clean(resolved: ResolvedSuite, comps: Components, cell: Cell, model: Defend
     return [comps.clean_flags[cell.group, tag, i] for i in indices]
 
 
-def evaluate_shard(resolved: ResolvedSuite, comps: Components, cell: Cell, indices: Sequence[int]) -> ShardResult:
-    """Evaluate the images at `indices` for one cell. Raises CellFailure on an invalid example."""
+def evaluate_shard(resolved: ResolvedSuite, comps: Components, cell: Cell, indices: Sequence[int],
+                   progress: Callable[[float], None] | None = None) -> ShardResult:
+    """Evaluate the images at `indices` for one cell. Raises CellFailure on an invalid example.
+    `progress` receives the fraction of the attack done, as its variants report it."""
     t0 = time.perf_counter()
     suite, device = resolved.suite, comps.device
     x, y = comps.dataset(cell).get(indices)
@@ -229,7 +241,7 @@ def evaluate_shard(resolved: ResolvedSuite, comps: Components, cell: Cell, indic
     ctx_base = attack_context(resolved, comps, cell)
     rows, stats, samples = [], {}, None
     for variant, x_adv, extra, result in run_attack(model, attack, threat, x, y, indices, ctx_base,
-                                                    (suite.seed, cell.key)):
+                                                    (suite.seed, cell.key), progress):
         if samples is None:  # the first variant's examples
             samples = strip_samples(model.purifier, suite.seed, cell, indices, x, x_adv)
         distance = threat.distance(x, x_adv, extra).cpu().tolist()

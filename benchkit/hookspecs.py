@@ -37,9 +37,16 @@ def register_classifiers(register):
 
 @hookspec
 def register_defenses(register):
-    """Register defenses (purifiers): ``register(id, factory, params=Model, description=...)``.
+    """Register defenses (purifiers): ``register(id, factory, params=Model, description=...,
+    gradient_modes=...)``.
 
-    ``factory(params)`` returns a ``benchkit.defended.Purifier``.
+    ``factory(params)`` returns a ``benchkit.defended.Purifier``: ``_purify(x, *, gradient, noise)``
+    maps [0, 1] images to [0, 1] images, drawing all randomness through ``noise``. Its
+    ``gradient_modes`` lists the modes ``_purify`` implements with a gradient (``exact``: autograd
+    through it; ``adjoint``); ``bpda`` and ``none`` are derived by the host for every purifier.
+    ``gradient_modes=`` at registration declares the same thing, as a tuple or ``params -> tuple``,
+    so ``benchkit validate`` checks every cell's gradient mode before any model is built; without it
+    the check runs when the purifier is built, and a built purifier lacking a declared mode fails.
     """
 
 

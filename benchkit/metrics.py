@@ -4,12 +4,17 @@ For a stochastic defense each final example is classified `repeats` times with f
   expected  mean (± std over repeats) of the per-repeat accuracy
   worst     worst-of-N: correct in every repeat
   majority  correct in more than half of the repeats
+  ci_low, ci_high  95% Wilson score interval over the n images for `mean` (see wilson)
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
+
+# The two-sided 95% normal quantile, norm.ppf(0.975) (as scipy's binomtest uses it).
+Z95 = 1.959963984540054
 
 
 @dataclass(frozen=True)
@@ -20,10 +25,24 @@ class Accuracy:
     std: float
     worst: float
     majority: float
+    ci_low: float = float("nan")
+    ci_high: float = float("nan")
 
     def as_dict(self) -> dict:
         return {"n": self.n, "repeats": self.repeats, "mean": self.mean, "std": self.std,
-                "worst": self.worst, "majority": self.majority}
+                "worst": self.worst, "majority": self.majority, "ci_low": self.ci_low, "ci_high": self.ci_high}
+
+
+def wilson(k: float, n: int, z: float = Z95) -> tuple[float, float]:
+    """The Wilson score interval (no continuity correction) for k successes in n trials, as
+    fractions; k may be fractional (a sum of per-image mean correctness, see accuracy)."""
+    if n <= 0:
+        return float("nan"), float("nan")
+    p = k / n
+    center = (2 * n * p + z * z) / (2 * (n + z * z))
+    delta = z / (2 * (n + z * z)) * math.sqrt(max(0.0, 4 * n * p * (1 - p) + z * z))
+    # At k = 0 (k = n) the bound is exactly 0 (1) analytically; say so rather than keep float dust.
+    return (0.0 if k <= 0 else max(0.0, center - delta)), (1.0 if k >= n else min(1.0, center + delta))
 
 
 def flags_matrix(flags: list[str]) -> np.ndarray:
@@ -34,13 +53,20 @@ def flags_matrix(flags: list[str]) -> np.ndarray:
 
 
 def accuracy(m: np.ndarray) -> Accuracy:
-    """m: bool [n_images, repeats], in percent."""
+    """m: bool [n_images, repeats], in percent.
+
+    std is the spread over evaluation repeats (the defense's randomness on these images); the CI is
+    the sampling error over images (how far another draw of n test images could land). With
+    repeats > 1 each image counts by its mean correctness over the repeats, a number in [0, 1]
+    whose variance is at most mean * (1 - mean): the Wilson interval for a Bernoulli per image is
+    then conservative (at least as wide as it needs to be), never too narrow."""
     n, r = m.shape
     if n == 0:
-        return Accuracy(0, r, float("nan"), float("nan"), float("nan"), float("nan"))
+        return Accuracy(0, r, *[float("nan")] * 6)
     per_repeat = m.mean(0) * 100
+    lo, hi = wilson(float(m.mean(1).sum()), n)
     return Accuracy(n, r, float(per_repeat.mean()), float(per_repeat.std(ddof=1)) if r > 1 else 0.0,
-                    float(m.all(1).mean() * 100), float((m.sum(1) * 2 > r).mean() * 100))
+                    float(m.all(1).mean() * 100), float((m.sum(1) * 2 > r).mean() * 100), lo * 100, hi * 100)
 
 
 def worst_case(mats: list[np.ndarray]) -> np.ndarray:

@@ -30,17 +30,28 @@ def _num(v: float) -> str:
     return f"{v:g}"
 
 
+def _errors(s: dict) -> list[tuple[float, float] | None]:
+    """The series' per-point intervals, None where a point has none (or a NaN bound)."""
+    errors = s.get("errors") or [None] * len(s["points"])
+    if len(errors) != len(s["points"]):
+        raise ValueError(f"series {s['label']!r}: {len(errors)} intervals for {len(s['points'])} points")
+    return [None if e is None or any(v != v for v in e) else (float(e[0]), float(e[1])) for e in errors]
+
+
 def line_chart(series: list[dict], *, title: str = "", x_label: str = "", y_label: str = "",
                y_range: tuple[float, float] | None = None, width: int = 460, height: int = 300) -> str:
-    """series: [{"label": str, "points": [(x, y), ...], "dash": bool (optional)}]. Points are joined in
-    x order and drawn as circles whose tooltip gives the values. Returns an <svg> element."""
+    """series: [{"label": str, "points": [(x, y), ...], "dash": bool (optional), "errors": [(lo, hi) or
+    None, ...] (optional, one per point)}]. Points are joined in x order and drawn as circles whose
+    tooltip gives the values; a point's interval (e.g. its 95% CI) is a vertical error bar with caps
+    (class "errorbar"). Returns an <svg> element."""
     pts = [p for s in series for p in s["points"]]
     if not pts:
         return ""
+    bars = [e for s in series for e in _errors(s) if e is not None]
     left, right, top, bottom = 52, 16, 28 if title else 12, 44
     legend_h = 18 * len(series)
     plot_w, plot_h = width - left - right, height - top - bottom
-    xs, ys = [p[0] for p in pts], [p[1] for p in pts]
+    xs, ys = [p[0] for p in pts], [p[1] for p in pts] + [v for e in bars for v in e]
     xt = nice_ticks(min(xs), max(xs), integer=all(float(x).is_integer() for x in xs))
     yt = nice_ticks(*(y_range or (min(ys), max(ys))))
     x0, x1, y0, y1 = xt[0], xt[-1], yt[0], yt[-1]
@@ -64,16 +75,29 @@ def line_chart(series: list[dict], *, title: str = "", x_label: str = "", y_labe
     out.append(f'<path d="M{left},{top} V{top + plot_h} H{left + plot_w}" fill="none" stroke="#444"/>')
     out.append(f'<text x="{left + plot_w / 2:.1f}" y="{top + plot_h + 34}" text-anchor="middle">{escape(x_label)}</text>')
     out.append(f'<text transform="translate(14 {top + plot_h / 2:.1f}) rotate(-90)" text-anchor="middle">{escape(y_label)}</text>')
+    with_bars = [i for i, s in enumerate(series) if any(e is not None for e in _errors(s))]
     for i, s in enumerate(series):
         color = COLORS[i % len(COLORS)]
-        line = sorted(s["points"])
+        # Series that share x values would draw their bars on top of each other: each is dodged a
+        # few pixels sideways, centred on the point.
+        dodge = 3.0 * (with_bars.index(i) - (len(with_bars) - 1) / 2) if i in with_bars else 0.0
+        line = sorted(zip(s["points"], _errors(s)), key=lambda pe: pe[0])
         dash = ' stroke-dasharray="5 3"' if s.get("dash") else ""
-        coords = " ".join(f"{sx(x):.1f},{sy(y):.1f}" for x, y in line)
+        coords = " ".join(f"{sx(x):.1f},{sy(y):.1f}" for (x, y), _ in line)
         out.append(f'<g class="series" data-label="{escape(s["label"])}">')
         out.append(f'<polyline points="{coords}" fill="none" stroke="{color}" stroke-width="2"{dash}/>')
-        for x, y in line:
+        for (x, y), err in line:
+            if err is None:
+                continue
+            cx, lo, hi = sx(x) + dodge, sy(err[0]), sy(err[1])
+            out.append(f'<path class="errorbar" d="M{cx:.1f},{lo:.1f} V{hi:.1f} M{cx - 4:.1f},{lo:.1f} H{cx + 4:.1f} '
+                       f'M{cx - 4:.1f},{hi:.1f} H{cx + 4:.1f}" stroke="{color}" stroke-width="1.2" fill="none" '
+                       f'data-lo="{err[0]:.4g}" data-hi="{err[1]:.4g}"><title>{escape(s["label"])}: {escape(x_label)} '
+                       f'{escape(_num(x))}, interval [{err[0]:.2f}, {err[1]:.2f}]</title></path>')
+        for (x, y), err in line:
+            interval = "" if err is None else f" [{err[0]:.2f}, {err[1]:.2f}]"
             out.append(f'<circle class="point" cx="{sx(x):.1f}" cy="{sy(y):.1f}" r="3.5" fill="{color}">'
-                       f'<title>{escape(s["label"])}: {escape(x_label)} {escape(_num(x))}, {y:.2f}</title></circle>')
+                       f'<title>{escape(s["label"])}: {escape(x_label)} {escape(_num(x))}, {y:.2f}{interval}</title></circle>')
         out.append("</g>")
         ly = height + 18 * i + 4
         out.append(f'<line x1="{left}" x2="{left + 22}" y1="{ly:.1f}" y2="{ly:.1f}" stroke="{color}" stroke-width="2"{dash}/>')

@@ -35,6 +35,10 @@ class Entry:
     # Attacks: params -> the benchkit.threat.ThreatModel the host verifies every example against
     # (never what the attack object says about itself).
     threat: Callable[[Any], Any] | None = None
+    # Defenses: the gradient modes the purifier implements beyond bpda / none (which every purifier
+    # has), as a tuple or params -> tuple, so `validate` checks each cell's mode before building
+    # anything; None: only known once the purifier is built.
+    gradient_modes: tuple[str, ...] | Callable[[Any], tuple[str, ...]] | None = None
 
     def validate(self, params: dict | None, where: str) -> BaseModel:
         """Params checked by the plugin's own model; problems raised as 'where.params.key: msg'."""
@@ -52,10 +56,39 @@ class Entry:
                 lines.append(f"{key}: {msg}")
             raise BadInput(lines) from None
 
+    def declared_modes(self, params: BaseModel) -> tuple[str, ...] | None:
+        """The gradient modes this defense declared at registration for `params` (None: undeclared);
+        BadInput (one line) when the declaration fails or names a mode that does not exist."""
+        if self.gradient_modes is None:
+            return None
+        if not callable(self.gradient_modes):
+            return self.gradient_modes   # checked when registered
+        where = f"defense plugin '{self.id}' ({self.plugin})"
+        try:
+            modes = self.gradient_modes(params)
+        except Exception as exc:  # noqa: BLE001 - a plugin's bug is reported as its own, in one line
+            raise BadInput(f"{where}: gradient_modes failed: {type(exc).__name__}: {exc}") from None
+        try:
+            return as_modes(modes)
+        except (TypeError, ValueError) as exc:
+            raise BadInput(f"{where}: {exc}") from None
+
     def build(self, params: dict | BaseModel | None = None, where: str = "params") -> Any:
         if not isinstance(params, BaseModel):
             params = self.validate(params, where)
         return self.factory(params)
+
+
+def as_modes(value: Any) -> tuple[str, ...]:
+    """A defense's declared gradient modes as a tuple; ValueError naming what is wrong."""
+    from benchkit.defended import GRADIENT_MODES, unknown_modes
+
+    if isinstance(value, str):   # ("exact") is a string, not a tuple: say so rather than split it
+        raise ValueError(f"gradient_modes must be a tuple of modes, not the string {value!r}")
+    modes = tuple(value)
+    if bad := unknown_modes(modes):
+        raise ValueError(f"gradient_modes names {', '.join(map(repr, bad))}, not one of {', '.join(GRADIENT_MODES)}")
+    return modes
 
 
 class Registry:
@@ -65,14 +98,23 @@ class Registry:
 
     def add(self, id: str, factory: Callable, *, params: type[BaseModel] = NoParams,
             description: str = "", plugin: str = "?", assets: Callable[[Any], list] | None = None,
-            threat: Callable[[Any], Any] | None = None) -> None:
+            threat: Callable[[Any], Any] | None = None,
+            gradient_modes: tuple[str, ...] | Callable[[Any], tuple[str, ...]] | None = None) -> None:
         if id in self.entries:
             other = self.entries[id].plugin
             raise ValueError(f"{self.kind[:-1]} id '{id}' registered twice (by {other} and {plugin})")
         if self.kind == "attacks" and threat is None:
             raise ValueError(f"attack '{id}' registered without threat= (params -> the threat model the host "
                              "verifies its examples against)")
-        self.entries[id] = Entry(self.kind, id, factory, params, description, plugin, assets, threat)
+        if gradient_modes is not None:
+            if self.kind != "defenses":
+                raise ValueError(f"{self.kind[:-1]} '{id}': gradient_modes= is for defenses")
+            if not callable(gradient_modes):   # a callable one is checked when a suite gives it params
+                try:
+                    gradient_modes = as_modes(gradient_modes)
+                except ValueError as exc:
+                    raise ValueError(f"defense '{id}': {exc}") from None
+        self.entries[id] = Entry(self.kind, id, factory, params, description, plugin, assets, threat, gradient_modes)
 
     def get(self, id: str, where: str = "") -> Entry:
         if id in self.entries:
@@ -122,9 +164,11 @@ def _collect() -> dict[str, Registry]:
 
             def register(id: str, factory: Callable, params: type[BaseModel] = NoParams,
                          description: str = "", assets: Callable[[Any], list] | None = None,
-                         threat: Callable[[Any], Any] | None = None, _reg=reg, _name=plugin_name) -> None:
+                         threat: Callable[[Any], Any] | None = None,
+                         gradient_modes: tuple[str, ...] | Callable[[Any], tuple[str, ...]] | None = None,
+                         _reg=reg, _name=plugin_name) -> None:
                 _reg.add(id, factory, params=params, description=description, plugin=_name, assets=assets,
-                         threat=threat)
+                         threat=threat, gradient_modes=gradient_modes)
 
             try:
                 impl.function(register=register)

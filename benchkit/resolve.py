@@ -19,9 +19,9 @@ from torch import nn
 from benchkit import registry
 from benchkit.attack import Attack
 from benchkit.dataset import Dataset
-from benchkit.defended import DefendedModel, Purifier
+from benchkit.defended import DefendedModel, Purifier, default_gradient, supported_modes, unknown_modes
 from benchkit.errors import BadInput
-from benchkit.suite import ComponentSpec, DatasetSpec, DefenseSpec, EvalSpec, Suite, load_suite, stable_hash
+from benchkit.suite import ComponentSpec, DatasetSpec, DefenseSpec, EvalSpec, Suite, load_suite, locate, stable_hash
 from benchkit.threat import ThreatModel
 
 # The version of the way numbers are made (seeding, verification). It keys every stored cell, so
@@ -98,8 +98,60 @@ class Components:
         return DefendedModel(self.classifiers[cell.classifier.id], purifier, gradient=gradient)
 
 
-def default_gradient(purifier: Purifier) -> str:
-    return next((m for m in ("exact", "adjoint", "bpda", "none") if m in purifier.gradient_modes), "none")
+def describe_defense(spec: DefenseSpec, entry: registry.Entry | None) -> str:
+    """The defense as problem lines name it, e.g. `defense 'gan' (gan-inversion, mode: opt)`: its
+    params are shown when its gradient modes depend on them."""
+    shown = "".join(f", {k}: {v}" for k, v in spec.params.items()) if entry and callable(entry.gradient_modes) else ""
+    return f"defense '{spec.id}' ({spec.plugin}{shown})"
+
+
+def _cell_names(suite: Suite) -> dict[tuple[str, str], list[str]]:
+    """(defense id, attack id) -> how the suite file names the cells pairing them: cells[i], or the
+    grid's cell keys."""
+    names: dict[tuple[str, str], list[str]] = {}
+    for i, c in enumerate(suite.cell_specs()):
+        names.setdefault((c.defense, c.attack), []).append(
+            f"cells[{i}]" if suite.cells is not None else f"{c.classifier}/{c.defense}/{c.attack}")
+    return names
+
+
+def gradient_problems(path: Path, suite: Suite, modes: dict[str, tuple[str, ...]], attacks: dict[str, Attack],
+                      described: dict[str, str]) -> list[str]:
+    """One line per defense whose `gradient:` setting it does not support, and per (defense, attack)
+    pair whose attack fixes a gradient mode the defense does not support. `modes`: defense id -> its
+    supported modes (defenses absent from it are not checked here). An attack without a mode of its
+    own (gradient None: square, transfer, ...) sees the defense's setting or default, checked above."""
+    lines = []
+    for i, d in enumerate(suite.defenses):
+        if d.id in modes and d.gradient and d.gradient not in modes[d.id]:
+            lines.append(f"{path}: defenses[{i}].gradient: {described[d.id]} supports {', '.join(modes[d.id])}, "
+                         f"not '{d.gradient}': set one of those, or leave gradient unset")
+    for (d, a), names in _cell_names(suite).items():
+        if d not in modes or a not in attacks:
+            continue
+        attack = attacks[a]
+        fixed = dict.fromkeys(m for m in (attack.gradient, *(sub.gradient for _, sub in attack.variants())) if m)
+        where = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+        plugin = suite.component("attacks", a).plugin
+        for mode in (m for m in fixed if m not in modes[d]):
+            lines.append(f"{path}: {'grid: ' if suite.cells is None else ''}{where}: {described[d]} supports "
+                         f"{', '.join(modes[d])}; attack '{a}' ({plugin}) differentiates with {mode}: use an attack "
+                         f"in one of those modes (a BPDA attack for bpda), or a defense with {mode} gradients")
+    return lines
+
+
+def build_problems(where: str, declared: tuple[str, ...] | None, purifier: Purifier) -> list[str]:
+    """The host trusts no plugin: a built purifier must name only real modes and offer every mode
+    its plugin declared at registration (validate passed cells on that declaration)."""
+    if bad := unknown_modes(purifier.gradient_modes):
+        return [f"{where}: {type(purifier).__name__}.gradient_modes names {', '.join(map(repr, bad))}, "
+                f"not a gradient mode (exact, adjoint; bpda and none are always there)"]
+    lacking = [m for m in declared or () if m not in supported_modes(purifier)]
+    if lacking:
+        return [f"{where}: the plugin registered gradient_modes {', '.join(declared)}, but its "
+                f"{type(purifier).__name__} supports only {', '.join(supported_modes(purifier))} "
+                f"(no {', '.join(lacking)}): the plugin's registration is wrong"]
+    return []
 
 
 def _freeze(module: nn.Module, device: torch.device) -> nn.Module:
@@ -121,6 +173,9 @@ class ResolvedSuite:
     threats: dict[str, ThreatModel]          # attack id -> the budget its examples are verified against
     attack_objects: dict[str, Attack]
     cells: list[Cell]
+    # Defense id -> the gradient modes its plugin declared at registration for its params (None:
+    # undeclared, checked once built).
+    declared_modes: dict[str, tuple[str, ...] | None] = field(default_factory=dict)
 
     def cell(self, key: str) -> Cell:
         return next(c for c in self.cells if c.key == key)
@@ -153,11 +208,16 @@ class ResolvedSuite:
         datasets = {stable_hash(c.spec.model_dump()): build(c) for c in (self.dataset, self.split) if c is not None}
         classifiers = {k: build(c) for k, c in self.classifiers.items()}
         defenses = {k: build(c) for k, c in self.defenses.items()}
-        for i, d in enumerate(self.suite.defenses):
-            purifier = defenses.get(d.id)
-            if purifier is not None and d.gradient and d.gradient not in purifier.gradient_modes:
-                problems.append(f"{self.path}: defenses[{i}].gradient: '{d.id}' supports "
-                                f"{', '.join(purifier.gradient_modes)}, not '{d.gradient}'")
+        undeclared = {}
+        for k, purifier in defenses.items():
+            if purifier is None:
+                continue
+            declared = self.declared_modes.get(k)
+            problems.extend(build_problems(f"{self.path}: {self.defenses[k].where}", declared, purifier))
+            if declared is None:   # resolve could not check its cells: do it now, before any runs
+                undeclared[k] = supported_modes(purifier)
+        problems.extend(gradient_problems(self.path, self.suite, undeclared, self.attack_objects,
+                                          {k: describe_defense(c.spec, None) for k, c in self.defenses.items()}))
         if problems:
             raise BadInput(problems)
         return Components(datasets, {k: _freeze(v, device) for k, v in classifiers.items()},
@@ -252,6 +312,16 @@ def resolve(suite: Suite, path: str | Path) -> ResolvedSuite:
         for point in sweep.points:
             if point not in ids[sweep.over]:
                 problems.append(f"{path}: sweeps[{i}].points: unknown {sweep.over[:-1]} id '{point}'")
+    declared = {}
+    for k, comp in comps["defenses"].items():
+        try:
+            declared[k] = None if comp is None else comp.entry.declared_modes(comp.params)
+        except BadInput as exc:
+            problems.extend(f"{path}: {comp.where}: {p}" for p in exc.problems)
+    # Each cell's gradient mode against its defense's declaration (cells naming unknown ids are skipped).
+    problems += gradient_problems(path, suite, {k: supported_modes(m) for k, m in declared.items() if m is not None},
+                                  objects, {k: describe_defense(c.spec, c.entry) for k, c in comps["defenses"].items()
+                                            if c is not None})
     if problems:
         raise BadInput(problems)
 
@@ -265,11 +335,12 @@ def resolve(suite: Suite, path: str | Path) -> ResolvedSuite:
         cells += [Cell("clean", suite.component("classifiers", clf), suite.component("defenses", dfn), None,
                        split.spec) for clf, dfn in groups]
     return ResolvedSuite(suite, path, dataset, split, comps["classifiers"], comps["defenses"], comps["attacks"],
-                         threats, objects, cells)
+                         threats, objects, cells, declared)
 
 
 def load(path: str | Path, *, seed: int | None = None) -> ResolvedSuite:
     """Load, validate and resolve a suite file (optionally under another seed)."""
+    path = locate(path)   # a shipped suite may be named by its name
     suite = load_suite(path)
     if seed is not None:
         suite = suite.model_copy(update={"seed": seed})

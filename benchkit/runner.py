@@ -11,13 +11,12 @@ Policy, in one place:
 from __future__ import annotations
 
 import json
-import sys
-import time
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Callable, Protocol
 
 from benchkit import checks, metrics
 from benchkit.evaluate import CellFailure, ShardResult, evaluate_shard, one_line
+from benchkit.progress import CellWork, Progress
 from benchkit.resolve import Cell, Components, ResolvedSuite
 from benchkit.store import Store
 from benchkit.suite import stable_hash
@@ -39,12 +38,14 @@ class Failed:
     message: str
 
 
-def execute(task: Task, resolved: ResolvedSuite, comps: Components) -> ShardResult | list | Failed:
-    """Run one task where the models live. Never raises for a cell's own failure."""
+def execute(task: Task, resolved: ResolvedSuite, comps: Components,
+            progress: Callable[[float], None] | None = None) -> ShardResult | list | Failed:
+    """Run one task where the models live. Never raises for a cell's own failure. `progress`, for
+    an executor that shows it live, receives the fraction of a shard's attack done."""
     try:
         cell = resolved.cell(task.cell_key)
         if task.kind == "shard":
-            return evaluate_shard(resolved, comps, cell, task.indices)
+            return evaluate_shard(resolved, comps, cell, task.indices, progress)
         return checks.run_checks(resolved, comps, cell, list(task.examples), list(task.shard_stats))
     except CellFailure as exc:
         return Failed(str(exc))
@@ -53,6 +54,8 @@ def execute(task: Task, resolved: ResolvedSuite, comps: Components) -> ShardResu
 
 
 class Executor(Protocol):
+    """Optionally also `watch(listener: benchkit.progress.Listener)`: an executor that runs tasks in
+    this process tells the listener when each starts and how far its attack has got."""
     def submit(self, task: Task, *, urgent: bool = False) -> None: ...
     def cancel(self, cell_key: str) -> None: ...
     def next(self) -> tuple[Task, object] | None: ...
@@ -68,27 +71,6 @@ class Plan:
     left: int = 0
     failed: bool = False
     computed: bool = False           # this run committed something: its checks are stale
-
-
-class Progress:
-    """A one-line progress bar on stderr (one line per shard when stderr is not a terminal)."""
-
-    def __init__(self, total: int, stream=None):
-        stream = stream or sys.stderr
-        self.total, self.done, self.stream, self.t0 = total, 0, stream, time.time()
-        self.tty = stream.isatty()
-
-    def update(self, n: int, label: str) -> None:
-        self.done += n
-        frac = self.done / max(1, self.total)
-        bar = "#" * int(30 * frac) + "-" * (30 - int(30 * frac))
-        line = f"[{bar}] {self.done}/{self.total} images  {time.time() - self.t0:6.1f}s  {label}"
-        self.stream.write(("\r" + line.ljust(110)) if self.tty else line + "\n")
-        self.stream.flush()
-
-    def close(self) -> None:
-        if self.tty:
-            self.stream.write("\n")
 
 
 def chunks(items: list[int], size: int) -> list[list[int]]:
@@ -151,9 +133,33 @@ def run(resolved: ResolvedSuite, store: Store, executor: Executor, *, sizes: dic
     return outcome
 
 
+def work(plans: list[Plan], store: Store) -> list[CellWork]:
+    """Each cell's images to compute, with the seconds its stored shards took (its cost so far)."""
+    cells = []
+    for p in plans:
+        stored = store.shards(p.cell_id)
+        cells.append(CellWork(p.cell.key, p.cell.kind, p.cell.attack.id if p.cell.attack else "", p.cell.defense.id,
+                              sum(len(s) for s in p.shards), prior_images=sum(s["n"] for s in stored),
+                              prior_seconds=sum(s["seconds"] for s in stored), shards=len(p.shards)))
+    return cells
+
+
 def _loop(resolved: ResolvedSuite, store: Store, executor: Executor, plans: list[Plan], outcome: Outcome) -> None:
+    progress = Progress(work(plans, store))
+    try:
+        _dispatch(resolved, store, executor, plans, outcome, progress)
+    finally:
+        progress.close()   # an interrupted run leaves the terminal on a fresh line
+    if checks.enabled(resolved, "black-box-vs-white-box"):
+        _cross_cell_checks(resolved, store, plans, outcome.run_id)
+
+
+def _dispatch(resolved: ResolvedSuite, store: Store, executor: Executor, plans: list[Plan], outcome: Outcome,
+              progress: Progress) -> None:
     by_key = {p.cell.key: p for p in plans}
-    progress = Progress(sum(len(s) for p in plans for s in p.shards))
+    watch = getattr(executor, "watch", None)
+    if watch is not None:
+        watch(progress)
 
     def submit_checks(p: Plan) -> None:
         if p.cell.kind == "attack":
@@ -182,15 +188,13 @@ def _loop(resolved: ResolvedSuite, store: Store, executor: Executor, plans: list
             outcome.failures.append(f"{p.cell.key}: {msg}")
             p.failed = True
             executor.cancel(p.cell.key)   # the cell cannot be trusted: stop its other shards
+            progress.failed(p.cell.key)
             continue
         store.commit_shard(p.cell_id, outcome.run_id, result.rows, result.seconds, result.stats, result.samples)
-        progress.update(len(task.indices), p.cell.key if p.cell.kind == "attack" else f"{p.cell.key} (standard accuracy)")
+        progress.finished(task, result.seconds)
         p.left -= 1
         if p.left == 0:
             submit_checks(p)
-    progress.close()
-    if checks.enabled(resolved, "black-box-vs-white-box"):
-        _cross_cell_checks(resolved, store, plans, outcome.run_id)
 
 
 def _cross_cell_checks(resolved: ResolvedSuite, store: Store, plans: list[Plan], run_id: int) -> None:

@@ -7,6 +7,7 @@ Every problem is reported as one line `FILE: key.path: message`, all at once.
 """
 from __future__ import annotations
 
+import difflib
 import hashlib
 import json
 from pathlib import Path
@@ -230,13 +231,39 @@ def _loc(parts: tuple) -> str:
     return out or "(top level)"
 
 
+# The suites shipped with benchkit (read from the checkout, as the templates are: README installs editable).
+SHIPPED = Path(__file__).resolve().parent.parent / "suites"
+
+
+def shipped() -> list[Path]:
+    """The shipped suites, by name (includes under _base/ are not suites)."""
+    return sorted(SHIPPED.glob("*.yaml"))
+
+
+def locate(name: str | Path) -> Path:
+    """The suite file a user names: the path as given when it exists, else the shipped suite of that
+    name (`digits_quick` or `digits_quick.yaml`), so suites can be named from any folder."""
+    path = Path(name)
+    if path.is_file() or path.parent != Path("."):
+        return path
+    candidate = SHIPPED / (path.name if path.suffix in (".yaml", ".yml") else f"{path.name}.yaml")
+    return candidate if candidate.is_file() else path
+
+
 def load_raw(path: str | Path) -> dict:
-    return _read_yaml(Path(path).resolve(), ())
+    path = locate(path)
+    if not path.is_file():
+        names = [p.stem for p in shipped()]
+        close = difflib.get_close_matches(path.stem, names, n=1, cutoff=0.6)
+        hint = f"; did you mean the shipped suite '{close[0]}'?" if close else \
+            " (name a YAML file, or a shipped suite: see `benchkit ls suites`)"
+        raise BadInput(f"{path}: file not found{hint}")
+    return _read_yaml(path.resolve(), ())
 
 
 def load_suite(path: str | Path) -> Suite:
     """Parse, merge includes and validate the schema (plugin ids and params: benchkit.resolve)."""
-    path = Path(path)
+    path = locate(path)
     raw = load_raw(path)
     try:
         return Suite.model_validate(raw)

@@ -138,7 +138,7 @@ attacks: [{id: aa, plugin: autoattack}]
 """)
     assert main(["run", str(suite), "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err.splitlines()
-    assert err[0] == "benchkit: error: 2 asset(s) missing; nothing was run (set BENCHKIT_HOME or the params' path):"
+    assert err[0] == "benchkit: error: 2 file(s) missing; nothing was run (set BENCHKIT_HOME or the params' path):"
     assert f"[MISSING] {tmp_path}/home/diffpure/score_sde/checkpoint_8.pth  <- score_sde_pytorch" in err[1]
     assert "256x256_diffusion_uncond.pt" in err[2] and "2,211,383,297 bytes" in err[2] and "defenses[1]" in err[2]
     assert not (tmp_path / "o").exists()

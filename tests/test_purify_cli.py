@@ -99,5 +99,11 @@ def test_purify_errors_are_one_clear_line_each(digits_pngs, plugin_manager, caps
     (tmp / "rgb.png").write_bytes(png.encode(np.zeros((8, 8, 3), np.uint8)))
     assert main(["purify", "--suite", SUITE, "--defense", "diffpure", str(tmp / "rgb.png"), "--out", out]) == 2
     (line,) = error_lines(capsys)
-    assert line.startswith(f"benchkit: error: {tmp / 'rgb.png'}: defense 'diffpure' failed on this 3-channel 8x8 image: ")
-    assert not (tmp / "out" / "rgb.png").exists()
+    assert line == (f"benchkit: error: {tmp / 'rgb.png'}: the image is RGB 8x8, but defense 'diffpure' of {SUITE} "
+                    "works on grey 8x8 images (the suite's digits data): convert and resize it first")
+    # the grey model never silently purifies another size (a 28x28 digit is not an 8x8 one)
+    (tmp / "big.png").write_bytes(png.encode(np.zeros((28, 28, 1), np.uint8)))
+    assert main(["purify", "--suite", SUITE, "--defense", "diffpure", str(tmp / "big.png"), "--out", out]) == 2
+    (line,) = error_lines(capsys)
+    assert "the image is grey 28x28, but defense 'diffpure'" in line and "works on grey 8x8 images" in line
+    assert not (tmp / "out" / "rgb.png").exists() and not (tmp / "out" / "big.png").exists()

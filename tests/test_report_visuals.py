@@ -3,7 +3,6 @@ page rendered in headless Chromium."""
 from __future__ import annotations
 
 import base64
-import json
 import re
 import shutil
 import sqlite3
@@ -144,74 +143,93 @@ def test_no_strips_for_defenses_without_a_trajectory(tmp_path, plugin_manager):
     assert "Purification" not in (tmp_path / "o" / "leaderboard.html").read_text()
 
 
-def test_index_across_runs_with_mean_and_std_over_seeds(tmp_path, plugin_manager, capsys, monkeypatch):
-    from benchkit import registry
-    from test_run import SUITE, LocalPlugin
-
-    plugin_manager.register(LocalPlugin(), name="local")
-    registry.reset()
-    runs = tmp_path / "runs"
-    suite = write(tmp_path / "s.yaml", SUITE)   # seed: 3
-    assert main(["run", str(suite), "--out", str(runs / "seed3")]) == 0
-    assert main(["run", str(write(tmp_path / "s4.yaml", SUITE.replace("seed: 3", "seed: 4"))), "--out", str(runs / "seed4")]) == 0
-    monkeypatch.chdir(tmp_path)   # --seed without --out: runs/<suite>/seed<N>
-    assert main(["run", str(suite), "--seed", "5"]) == 0
-    (runs / "blobs" / "seed5").rename(runs / "seed5")
-    (runs / "blobs").rmdir()
-    write(tmp_path / "other.yaml", SUITE.replace("suite: blobs", "suite: other"))
-    assert main(["run", str(tmp_path / "other.yaml"), "--out", str(runs / "nested" / "other")]) == 0
-    capsys.readouterr()
-    robust = {}
-    for seed in (3, 4, 5):
-        assert main(["report", str(runs / f"seed{seed}"), "--format", "json"]) == 0
-        for c in json.loads(capsys.readouterr().out)["cells"]:
-            robust.setdefault(c["key"], []).append(c["robust"]["mean"])
-    assert main(["report", "--index", str(runs), "--format", "json", "--html", str(tmp_path / "index.html")]) == 0
-    idx = json.loads(capsys.readouterr().out)
-    assert [(r["suite"], r["seed"], r["cells"]) for r in idx["runs"]] == [
-        ("other", 3, 4), ("blobs", 3, 4), ("blobs", 4, 4), ("blobs", 5, 4)]
-    assert [s["suite"] for s in idx["seeds"]] == ["blobs"] and idx["seeds"][0]["seeds"] == [3, 4, 5]
-    cells = {c["key"]: c for c in idx["seeds"][0]["cells"]}
-    assert set(cells) == set(robust)
-    for key, values in robust.items():
-        assert cells[key]["mean"] == pytest.approx(np.mean(values))
-        assert cells[key]["std"] == pytest.approx(np.std(values, ddof=1))
-    jitter = robust["near/jitter/fgsm"]
-    page = (tmp_path / "index.html").read_text()
-    assert f"{np.mean(jitter):.2f} ± {np.std(jitter, ddof=1):.2f}" in page
-    assert 'href="runs/seed4/leaderboard.html"' in page and 'href="runs/nested/other/leaderboard.html"' in page
-    assert main(["report", "--index", str(tmp_path / "empty")]) == 2
-    assert main(["report"]) == 2
-    assert "give a run folder DIR or --index" in capsys.readouterr().err
-
-
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                   "--disable-background-networking", "--disable-component-update", "--disable-sync",
                   "--enable-logging=stderr", "--v=0"]
 
 
-def test_leaderboard_renders_in_headless_chromium(digits_run, tmp_path):
+def _dom_rows(page: str) -> list[dict]:
+    """The leaderboard's body rows in a dumped DOM: cell texts (tags stripped) and the check badges'
+    statuses and labels, in page order."""
+    body = page.split('<table id="leaderboard">', 1)[1].split("</tbody>", 1)[0].split("<tbody>", 1)[1]
+    rows = []
+    for cls, tr in re.findall(r"<tr( class=\"\w+\")?>(.*?)</tr>", body, re.S):
+        tds = re.findall(r"<td[^>]*>(.*?)</td>", tr, re.S)
+        rows.append({"class": cls.strip()[7:-1] if cls else "",
+                     "cells": [" ".join(re.sub(r"<[^>]+>", " ", td).split()) for td in tds],
+                     "badges": re.findall(r'<details class="check (\w+)" data-check="([\w-]+)">', tr)})
+    return rows
+
+
+def test_leaderboard_renders_in_headless_chromium(digits_run, tmp_path, plugin_manager):
     chromium = shutil.which("chromium")
     if chromium is None:
         pytest.skip("chromium is not installed (apt-get install -y chromium; .ci/run installs it when it can)")
+    from benchkit import registry, report
+    from benchkit.store import Store
+    from test_run import SUITE, LocalPlugin
+
     ARTIFACTS.mkdir(exist_ok=True)
-    shot = ARTIFACTS / "leaderboard.png"
-    shot.unlink(missing_ok=True)
-    url = (digits_run / "leaderboard.html").resolve().as_uri()
+    shot, limit_shot = ARTIFACTS / "leaderboard.png", ARTIFACTS / "leaderboard-limit.png"
+    for s in (shot, limit_shot):
+        s.unlink(missing_ok=True)
 
-    def chrome(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run([chromium, *CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'profile'}", *args, url],
-                              capture_output=True, text=True, timeout=60)
+    def chrome(page, *args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([chromium, *CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'profile'}", *args,
+                               page.resolve().as_uri()], capture_output=True, text=True, timeout=60)
 
-    dom = chrome("--dump-dom")
-    assert dom.returncode == 0, dom.stderr[-2000:]
-    console = [line for line in dom.stderr.splitlines() if ":CONSOLE" in line]
-    assert console == []                                          # no script errors or console messages
-    page = dom.stdout
+    def dom(page) -> str:
+        out = chrome(page, "--dump-dom")
+        assert out.returncode == 0, out.stderr[-2000:]
+        assert [line for line in out.stderr.splitlines() if ":CONSOLE" in line] == []   # no script errors or messages
+        return out.stdout
+
+    page = dom(digits_run / "leaderboard.html")
     assert '<table id="leaderboard">' in page and page.count("<tr>") >= 4
     assert page.count("<svg") == 4 and page.count('class="point"') == 14
     assert page.count('<img class="frame"') == 80
     assert "cnn/t0.1/eot2" in page and "accuracy vs t*" in page
-    run = chrome(f"--screenshot={shot}", "--window-size=1280,2000")
+    headers = [" ".join(re.sub(r"<[^>]+>", " ", h).split())
+               for h in re.findall(r"<th[^>]*>(.*?)</th>", page.split('<table id="leaderboard">')[1].split("</thead>")[0], re.S)]
+    assert headers[3] == "threat" and headers[5].startswith("clean ± std (repeats) [95% CI (images)]")
+    data = report.collect(Store(digits_run / "results.sqlite"))
+    rows = _dom_rows(page)
+    cells, worst = [r for r in rows if not r["class"]], [r for r in rows if r["class"] == "worst"]
+    assert len(cells) == 5 and len(worst) == 2
+    for r, row in zip(data["rows"], cells):
+        assert row["cells"][:4] == [r["classifier"], r["defense"], r["attack"], "Linf 0.3"]   # threat column
+        # mean ± std over repeats, then the 95% CI over images
+        assert row["cells"][5] == f"{report._fmt(r['clean'])} {report.ci_text(r['clean'])}"
+        assert row["cells"][7] == f"{report._fmt(r['robust'])} {report.ci_text(r['robust'])}"
+        assert re.fullmatch(r"\d+\.\d\d( ± \d+\.\d\d)? \[\d+\.\d\d, \d+\.\d\d\]", row["cells"][7])
+        assert row["badges"] == [("pass", "robust-le-clean")]          # one compact badge per enabled check
+    for g, row in zip(data["groups"], worst):
+        assert row["cells"][3] == "Linf 0.3" and row["cells"][7] == f"{report._fmt(g['robust'])} {report.ci_text(g['robust'])}"
+    # error bars: one per plotted point, each spanning that point's CI over images
+    bars = re.findall(r'<path class="errorbar" d="[^"]+"[^>]*data-lo="([^"]+)" data-hi="([^"]+)"', page)
+    assert len(bars) == 14
+    cis = {(f"{r[a].ci_low:.4g}", f"{r[a].ci_high:.4g}") for r in data["rows"] for a in ("clean", "robust")}
+    assert set(bars) <= cis
+    assert 'id="limit-flag"' not in page
+    run = chrome(digits_run / "leaderboard.html", f"--screenshot={shot}", "--window-size=1280,2000")
     assert run.returncode == 0 and shot.is_file(), run.stderr[-2000:]
     assert struct.unpack(">II", shot.read_bytes()[16:24]) == (1280, 2000)     # IHDR width, height
+
+    # A --limit run (the blobs suite: about a second), whose weak attack fails a check.
+    plugin_manager.register(LocalPlugin(), name="local")
+    registry.reset()
+    assert main(["run", str(write(tmp_path / "s.yaml", SUITE)), "--out", str(tmp_path / "lim"), "--limit", "4"]) == 0
+    page = dom(tmp_path / "lim" / "leaderboard.html")
+    flag = re.search(r'<div class="limit-banner" id="limit-flag" role="alert">(.*?)</div>', page)
+    assert flag and flag[1] == "--limit 4: 4 of 24 images per cell; not comparable with a full run"
+    assert page.index('id="limit-flag"') < page.index('<table id="leaderboard">')
+    rows = [r for r in _dom_rows(page) if not r["class"]]
+    assert [r["cells"][4] for r in rows] == ["4/4 of 24"] * 4                       # n of the dataset's 24
+    assert [r["cells"][3] for r in rows] == ["Linf 0.2", "Linf 1/255", "Linf 0.2", "Linf 1/255"]
+    for row in rows:
+        statuses = [s for s, _ in row["badges"]]
+        assert len(statuses) == 6 and statuses == sorted(statuses, key=["fail", "pass", "skipped"].index)
+        assert (row["badges"][0] == ("fail", "attack-undefended")) == (row["cells"][2] == "weak")
+        assert statuses[-2:] == ["skipped", "skipped"]                    # eot-convergence, gradient-correctness
+    run = chrome(tmp_path / "lim" / "leaderboard.html", f"--screenshot={limit_shot}", "--window-size=1280,900")
+    assert run.returncode == 0 and limit_shot.is_file(), run.stderr[-2000:]

@@ -26,7 +26,7 @@ from benchkit.threat import make_threat
 from benchkit_attacks.apgd import apgd
 from benchkit_attacks.losses import LOSSES
 from benchkit_attacks.params import LossName, NormBudget, Select
-from benchkit_attacks.pgd import GradientAttack, chain, with_best
+from benchkit_attacks.pgd import GradientAttack, chain, reporting, with_best
 
 
 class DiffAttackParams(NormBudget):
@@ -71,7 +71,8 @@ class DiffAttackLoss(GradientAttack):
         m, p = self.view(model), self.params
         best = self.selector(model, x, y, ctx)
         out = apgd(self.objective(m, y), x, self.threat, steps=p.steps, noise=ctx.noise, restarts=p.restarts,
-                   random_init=p.random_start, callback=chain(best, self.callback))
+                   random_init=p.random_start,
+                   callback=chain(best, self.callback, reporting(ctx, p.restarts * (p.steps + 1))))
         return with_best(AttackResult(out.x_adv, stats=out.stats), best)
 
 

@@ -38,7 +38,7 @@ from benchkit_attacks.apgd import apgd
 from benchkit_attacks.iterates import KeptIterates
 from benchkit_attacks.losses import LOSSES
 from benchkit_attacks.params import LossName, NormBudget, SurrogateSpec
-from benchkit_attacks.pgd import GradientAttack, chain, with_best
+from benchkit_attacks.pgd import GradientAttack, chain, reporting, with_best
 
 
 class DiffHammerParams(NormBudget):
@@ -144,12 +144,12 @@ class DiffHammer(GradientAttack):
             return loss.mean(0), grad
 
         stats: dict[str, float] = {}
-        seen = chain(best, self.callback)
+        seen = chain(best, self.callback, reporting(ctx, p.restarts * (p.steps + 1)))
         for r in range(p.restarts):
             state["loss_fn"] = LOSSES[p.losses[r % len(p.losses)]]
             offset = r * (p.steps + 1)   # steps counted across restarts, as pgd's callbacks
             out = apgd(objective, x, self.threat, steps=p.steps, noise=ctx.noise, random_init=p.random_start,
-                       callback=None if seen is None else (lambda s, *a, o=offset: seen(s + o, *a)))
+                       callback=lambda s, *a, o=offset: seen(s + o, *a))
             stats = out.stats
         result = AttackResult(tracker.examples.clone(), stats=stats | {
             "n_eval_robust": float(tracker.robust.float().mean() * 100),

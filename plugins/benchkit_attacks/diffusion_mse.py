@@ -11,7 +11,7 @@ from benchkit.defended import DefendedModel  # noqa: F401 - the type attacks rec
 from benchkit.threat import make_threat
 
 from benchkit_attacks.params import GradientMode, PGDSchedule
-from benchkit_attacks.pgd import GradientAttack, pgd
+from benchkit_attacks.pgd import GradientAttack, chain, pgd, reporting
 
 
 class _Flatten(nn.Module):
@@ -49,7 +49,8 @@ class DiffusionMSE(GradientAttack):
 
         out = pgd(lambda z: purifier_only.loss_and_grad(mse, z, index, p.eot), x, self.threat,
                   steps=p.steps, step_size=p.resolved_step(), noise=ctx.noise, restarts=p.restarts,
-                  random_init=p.random_start, callback=self.callback)
+                  random_init=p.random_start,
+                  callback=chain(self.callback, reporting(ctx, p.restarts * (p.steps + 1))))
         stats = dict(out.stats)
         if torch.isfinite(out.loss).all():
             stats["purified_mse"] = float(out.loss.mean())

@@ -67,7 +67,7 @@ from benchkit.threat import L2, Linf, ThreatModel
 
 from benchkit_attacks.losses import LOSSES, LossFn
 from benchkit_attacks.params import EOTAverage, GradientMode, LossName, PGDSchedule
-from benchkit_attacks.pgd import Callback, GradientAttack, Objective, _per_image, chain, pgd, with_best
+from benchkit_attacks.pgd import Callback, GradientAttack, Objective, _per_image, chain, pgd, reporting, with_best
 
 
 def dct_matrix(n: int, *, device: torch.device | str | None = None, dtype: torch.dtype = torch.float32) -> Tensor:
@@ -228,7 +228,7 @@ class LowFrequency(GradientAttack):
         m, p = self.view(model), self.params
         x = x.detach()
         best = self.selector(model, x, y, ctx)
-        inner = chain(best, self.callback)
+        inner = chain(best, self.callback, reporting(ctx, p.restarts * (p.steps + 1)))
         # pgd()'s iterate is z = x + u; observers get the example whose loss was computed.
         callback: Callback | None = None if inner is None else (
             lambda step, z, loss, grad: inner(step, self.map.example(x, z), loss, grad))

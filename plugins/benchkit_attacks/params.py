@@ -40,8 +40,8 @@ class SurrogateSpec(Params):
 class NormBudget(Params):
     """norm + eps, where the 8/255 default only makes sense for Linf: an L2 attack must say eps."""
 
-    norm: Norm = "Linf"
-    eps: Budget = 8 / 255
+    norm: Norm = Field("Linf", description="the threat model's norm")
+    eps: Budget = Field(8 / 255, description="the budget in [0, 1] pixel units, e.g. 8/255 (required for L2)")
 
     @model_validator(mode="after")
     def _l2_needs_eps(self) -> "NormBudget":
@@ -51,13 +51,14 @@ class NormBudget(Params):
 
 
 class PGDSchedule(NormBudget):
-    steps: int = Field(200, ge=1)
+    steps: int = Field(200, ge=1, description="iterations per restart")
     # None: eps / 4 (2/255 at the 8/255 default, the BPDA+EOT reference step; ~Lee & Kim's 0.007).
-    step_size: Budget | None = None
-    eot: int = Field(20, ge=1)
-    restarts: int = Field(1, ge=1)
-    random_start: bool = True
-    select: Select = "loss"
+    step_size: Budget | None = Field(None, description="step per iteration (null: eps / 4)")
+    eot: int = Field(20, ge=1, description="defense samples averaged per gradient (Expectation over Transformation)")
+    restarts: int = Field(1, ge=1, description="runs from fresh random starts; each image keeps its best")
+    random_start: bool = Field(True, description="start from a uniform point of the eps-ball")
+    select: Select = Field("loss", description="the iterate returned per image: highest EOT loss, or the one the "
+                                               "suite's verification protocol judges best")
     select_every: int = Field(1, ge=1, description="with select: protocol, judge every this many steps")
 
     def resolved_step(self) -> float:

@@ -42,6 +42,12 @@ def chain(*callbacks: Callback | None) -> Callback | None:
     return each
 
 
+def reporting(ctx: AttackContext, total: int) -> Callback:
+    """A callback reporting each gradient evaluation to the host (ctx.progress), out of `total`
+    evaluations in the call (restarts x (steps + 1) for pgd and apgd)."""
+    return lambda step, *_: ctx.progress(step + 1, total)
+
+
 def _per_image(v: Tensor, x: Tensor) -> Tensor:
     return v.view(-1, *([1] * (x.dim() - 1)))
 
@@ -226,7 +232,8 @@ class PGDEOT(GradientAttack):
             target = choose_targets(clean, y, clean.shape[1], p.targeted, ctx.noise)
             loss_fn, labels = targeted_objective(p.loss, y, target)
         loss_fn = judge.capturing(loss_fn) if judge else loss_fn
-        callback = chain(judge.after if judge else None, best, self.callback)
+        callback = chain(judge.after if judge else None, best, self.callback,
+                         reporting(ctx, p.restarts * (p.steps + 1)))
         out = pgd(lambda z: m.loss_and_grad(loss_fn, z, labels, p.eot, average=p.eot_average), x, self.threat,
                   steps=p.steps, step_size=p.resolved_step(), noise=ctx.noise, restarts=p.restarts,
                   random_init=p.random_start, callback=callback)

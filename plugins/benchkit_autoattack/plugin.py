@@ -14,6 +14,7 @@ too much, and apgd-t alone takes EOT gradients on a stochastic defense (standard
 from __future__ import annotations
 
 import logging
+import math
 from typing import Literal
 
 import torch
@@ -52,6 +53,27 @@ def _set_apgd_iterations(apgd, n: int) -> None:
     """APGD derives its step-size checkpoints from n_iter when built; keep them consistent."""
     apgd.n_iter = apgd.n_iter_orig = n
     apgd.n_iter_2, apgd.n_iter_min, apgd.size_decr = max(int(0.22 * n), 1), max(int(0.06 * n), 1), max(int(0.03 * n), 1)
+
+
+def _report_members(adversary, ctx: AttackContext, n_images: int) -> None:
+    """Report each member attack's finished batch to the host (ctx.progress). AutoAttack runs its
+    members one after another, each on batches of the images still robust: out of members x batches
+    of all images, a count that ends short when images break early (the host closes the shard)."""
+    total = len(adversary.attacks_to_run) * math.ceil(n_images / ctx.batch_size)
+    done = 0
+
+    def counted(perturb):
+        def run(*args, **kwargs):
+            nonlocal done
+            out = perturb(*args, **kwargs)
+            done = min(done + 1, total)
+            ctx.progress(done, total)
+            return out
+        return run
+
+    # Each member's perturb, shadowed on the instance (apgd and fab serve two members each).
+    for member in (adversary.apgd, adversary.apgd_targeted, adversary.fab, adversary.square):
+        member.perturb = counted(member.perturb)
 
 
 def _n_classes(model: DefendedModel, x: torch.Tensor) -> int:
@@ -93,6 +115,7 @@ class AutoAttackVersion(Attack):
             for apgd in (adversary.apgd, adversary.apgd_targeted):
                 _set_apgd_iterations(apgd, self.n_iter)
             adversary.fab.n_iter = self.n_iter
+        _report_members(adversary, ctx, x.shape[0])
         x_adv, y_adv = adversary.run_standard_evaluation(x, y, batch_size=ctx.batch_size)
         # y_adv holds, per image, the label AutoAttack last saw: the true one exactly when it still
         # counted the image robust (its robust_flags are not returned).

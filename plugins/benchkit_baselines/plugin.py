@@ -17,13 +17,21 @@ def register_component_kinds(register):
              description="VAEs, GAN generators and encoders of the generative purifiers")
 
 
+def gan_inversion_modes(params: GANInversionParams) -> tuple[str, ...]:
+    """Only the encoder is differentiable; the optimising modes output an argmin computed detached
+    from the input, so they offer bpda and none alone."""
+    return ("exact",) if params.mode == "enc" else ()
+
+
 @hookimpl
 def register_defenses(register):
-    register("identity", lambda params: Identity(),
+    # gradient_modes: what each purifier differentiates beyond bpda / none, so `benchkit validate`
+    # checks every cell's gradient mode before any model is built.
+    register("identity", lambda params: Identity(), gradient_modes=("exact", "adjoint"),
              description="No defense: the undefended ('static') classifier of the paper's tables")
-    register("vae", make_vae, params=VAEParams,
+    register("vae", make_vae, params=VAEParams, gradient_modes=("exact",),
              description="VAE purification decode(encode(x)) with the digits VAE (generative model digits-vae)")
-    register("gan-inversion", make_gan_inversion, params=GANInversionParams,
+    register("gan-inversion", make_gan_inversion, params=GANInversionParams, gradient_modes=gan_inversion_modes,
              description="GAN-inversion purification G(z*), z* by encoder, optimisation or both "
                          "(generative models digits-gan + digits-gan-encoder)")
 

@@ -228,8 +228,16 @@ def register_component_kinds(register):
              description="diffusion score models that DiffPure defenses look up by id")
 
 
+def diffpure_modes(p: DiffPureParams) -> tuple[str, ...]:
+    """Exact backprop through any solver; torchsde's adjoint only for the continuous-time samplers
+    (a discrete ddpm / ddim chain has none), as DiffPure itself declares."""
+    from benchkit_diffpure.solver import DISCRETE_SAMPLERS
+
+    return ("exact",) if p.sampler in DISCRETE_SAMPLERS else ("exact", "adjoint")
+
+
 @hookimpl
 def register_defenses(register):
-    register("diffpure", diffpure, params=DiffPureParams, assets=diffpure_assets,
+    register("diffpure", diffpure, params=DiffPureParams, assets=diffpure_assets, gradient_modes=diffpure_modes,
              description="DiffPure (Nie et al. 2022): forward diffusion to t*, reverse VP-SDE / VP-ODE / LD-SDE / "
                          "DDPM / DDIM")

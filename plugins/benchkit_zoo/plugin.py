@@ -47,8 +47,10 @@ def _zoo(args: argparse.Namespace) -> int:
     from benchkit_zoo import catalog
 
     if args.zoo_action == "list":
-        for name, entry in catalog.CATALOG.items():
-            print(f"{name:14s} {entry.filename:28s} {entry.sha256[:16]}  {entry.description}")
+        from tabulate import tabulate
+
+        rows = [[name, e.filename, e.sha256[:16], e.description] for name, e in catalog.CATALOG.items()]
+        print(tabulate(rows, headers=["model", "file", "sha256 (first 16)", "description"], disable_numparse=True))
         return 0
     names = [args.name] if args.name else list(catalog.CATALOG)
     status = 0
