@@ -126,8 +126,10 @@ def eot_convergence(resolved: ResolvedSuite, cell: Cell, comps: Components, **_)
     nums = {"eot": n, f"robust_eot{n}": accs[n], f"robust_eot{2 * n}": accs[2 * n], "n": int(x.shape[0])}
     if abs(accs[n] - accs[2 * n]) < 2.0:
         return CheckResult("eot-convergence", "pass", f"EOT {n} vs {2 * n}: {accs[n]:.1f}% vs {accs[2 * n]:.1f}%", nums)
+    images = int(x.shape[0])
     return CheckResult("eot-convergence", "fail", f"EOT not converged: {accs[n]:.1f}% with {n} samples vs "
-                       f"{accs[2 * n]:.1f}% with {2 * n}: raise the attack's EOT samples", nums)
+                       f"{accs[2 * n]:.1f}% with {2 * n} on {images} images (one image: {100 / images:.1f} "
+                       "points)", nums)
 
 
 # Images the gradient-correctness check compares on: its reference costs a few solves per image.
@@ -213,7 +215,8 @@ ADVICE = {
                         "EOT samples, or a gradient-free attack (square), and treat this robust accuracy as unreliable",
     "eot-convergence": "robust accuracy still moves when the attack's EOT samples double, so the attack has not "
                        "averaged out the defense's randomness: raise the attack's `eot` param (e.g. double it) until "
-                       "n and 2n samples agree within 2 points, and report that number",
+                       "n and 2n samples agree within 2 points, and report that number; on a small check subset "
+                       "(checks.subset) a single image moves it more than that, so check on more images first",
     "gradient-correctness": "the gradient the attack follows disagrees with the solver's true gradient (cosine "
                             "< 0.9), so the attack is misled: attack with `gradient: exact` on the defense (or more "
                             "solver steps for adjoint) and report that robust accuracy",

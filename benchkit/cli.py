@@ -169,11 +169,15 @@ def cmd_ls(args: argparse.Namespace) -> int:
     for kind in kinds:
         print(f"{kind}:")
         if kind == "suites":
-            for path, description in _suites(args.dir):
-                print(f"  {path.stem:28s} {description}")
+            suites = _suites(args.dir)
+            width = max((len(str(path)) for path, _ in suites), default=0)
+            for path, description in suites:
+                print(f"  {str(path):{width}s}  {description}")
             continue
-        for e in registry.get(kind):
-            print(f"  {e.id:18s} {e.description}  [{e.plugin}]")
+        entries = list(registry.get(kind))
+        width = max((len(e.id) for e in entries), default=0)
+        for e in entries:
+            print(f"  {e.id:{width}s}  {e.description}  [{e.plugin}]")
     print("(benchkit describe ID: a component's parameters and defaults)")
     return EXIT_OK
 

@@ -200,6 +200,9 @@ class ShardResult:
     stats: dict
     seconds: float
     samples: list[tuple] = field(default_factory=list)   # (image_index, frame, label, png): see strip_samples
+    # The clean verdicts this shard computed (images, seconds): what an image of its group's
+    # whole-split standard-accuracy cell costs, known before that cell runs (progress estimates).
+    clean_cost: tuple[int, float] = (0, 0.0)
 
 
 def attack_context(resolved: ResolvedSuite, comps: Components, cell: Cell) -> dict:
@@ -210,17 +213,18 @@ def attack_context(resolved: ResolvedSuite, comps: Components, cell: Cell) -> di
 
 
 def _clean(resolved: ResolvedSuite, comps: Components, cell: Cell, model: DefendedModel, x: Tensor, y: Tensor,
-           indices: Sequence[int]) -> list[str]:
+           indices: Sequence[int]) -> tuple[list[str], tuple[int, float]]:
     """Clean verdicts depend on (classifier, defense, dataset, image) only: computed once per image
-    of a group and shared by its attacks."""
+    of a group and shared by its attacks. Also returns what the ones computed here cost (images, seconds)."""
     suite = resolved.suite
     tag = "clean" if cell.kind == "attack" else "clean-split"
     todo = [k for k, i in enumerate(indices) if (cell.group, tag, i) not in comps.clean_flags]
+    t0 = time.perf_counter()
     if todo:
         flags = verdicts(model, x[todo], y[todo], [indices[k] for k in todo], (suite.seed, cell.group, tag),
                          suite.eval.repeats, suite.eval.batch_size, suite.eval.verdict)
         comps.clean_flags.update({(cell.group, tag, indices[k]): f for k, f in zip(todo, flags)})
-    return [comps.clean_flags[cell.group, tag, i] for i in indices]
+    return [comps.clean_flags[cell.group, tag, i] for i in indices], (len(todo), time.perf_counter() - t0)
 
 
 def evaluate_shard(resolved: ResolvedSuite, comps: Components, cell: Cell, indices: Sequence[int],
@@ -233,10 +237,10 @@ def evaluate_shard(resolved: ResolvedSuite, comps: Components, cell: Cell, indic
     x, y = x.to(device), y.to(device)
     attack = comps.attacks[cell.attack.id] if cell.attack is not None else None
     model = comps.defended(cell, attack)   # clean verdicts predict without gradients: any mode serves
-    clean_flags = _clean(resolved, comps, cell, model, x, y, indices)
+    clean_flags, clean_cost = _clean(resolved, comps, cell, model, x, y, indices)
     if attack is None:
         rows = [(int(idx), "", int(y[k]), clean_flags[k], None, None, None, None) for k, idx in enumerate(indices)]
-        return ShardResult(rows, {}, time.perf_counter() - t0)
+        return ShardResult(rows, {}, time.perf_counter() - t0, clean_cost=clean_cost)
     threat = resolved.threats[cell.attack.id]
     ctx_base = attack_context(resolved, comps, cell)
     rows, stats, samples = [], {}, None
@@ -254,4 +258,4 @@ def evaluate_shard(resolved: ResolvedSuite, comps: Components, cell: Cell, indic
                          found[k]))
         stats.update({f"{variant}.{k}" if variant else k: v for k, v in (result.stats or {}).items()
                       if isinstance(v, (int, float))})
-    return ShardResult(rows, stats, time.perf_counter() - t0, samples or [])
+    return ShardResult(rows, stats, time.perf_counter() - t0, samples or [], clean_cost)

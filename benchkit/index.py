@@ -66,19 +66,9 @@ def defense_lines(data: dict) -> list[dict]:
     return lines
 
 
-def limit_flag(data: dict) -> dict | None:
-    """{'limit', 'dataset_n'} when --limit cut at least one attacked cell of the run, else None."""
-    prov = data["provenance"]
-    limit, cell_n, dataset_n = prov.get("limit"), prov.get("cell_n", {}), prov.get("dataset_n", {})
-    if limit is None:
-        return None
-    cut = sorted({dataset_n[r["key"]] for r in data["rows"]
-                  if r["key"] in dataset_n and cell_n.get(r["key"], dataset_n[r["key"]]) < dataset_n[r["key"]]})
-    return {"limit": limit, "dataset_n": cut} if cut else None
-
-
 def limit_text(flag: dict | None) -> str:
-    return "" if flag is None else f"limit {flag['limit']} of {'/'.join(map(str, flag['dataset_n']))}"
+    """'limit 16 of 64' for a run --limit cut (flag: report.limit_info), else ''."""
+    return "" if flag is None else f"limit {flag['limit']} of {'/'.join(map(str, flag['n_of']))}"
 
 
 def run_summary(db: Path, parent: Path) -> dict | None:
@@ -94,7 +84,7 @@ def run_summary(db: Path, parent: Path) -> dict | None:
     run = data["run"]
     return {"dir": db.parent, "folder": os.path.relpath(db.parent, parent), "suite": run["suite_name"],
             "seed": data["suite"].get("seed"), "started": run["started"], "status": run["status"],
-            "cells": len(data["rows"]), "limit": limit_flag(data), "defenses": defense_lines(data),
+            "cells": len(data["rows"]), "limit": data["limit"], "defenses": defense_lines(data),
             "page": db.parent / "leaderboard.html" if (db.parent / "leaderboard.html").is_file() else None,
             # What pools runs as seeds: the resolved suite without its seed, and the --limit
             # (index() groups by it, then drops it: the label says what differs).
@@ -231,7 +221,7 @@ def csv_rows(idx: dict) -> list[dict]:
         base = {"row": "run", "suite": r["suite"], "config": r["config"], "folder": r["folder"], "seed": r["seed"],
                 "started": _when(r["started"]), "status": r["status"],
                 "limit": r["limit"]["limit"] if r["limit"] else "",
-                "limit_of": "/".join(map(str, r["limit"]["dataset_n"])) if r["limit"] else ""}
+                "limit_of": "/".join(map(str, r["limit"]["n_of"])) if r["limit"] else ""}
         for d in r["defenses"]:
             w = d["worst_case"]
             out.append(base | {"classifier": d["classifier"], "defense": d["defense"], "attacks": d["attacks"],

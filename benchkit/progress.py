@@ -2,7 +2,8 @@
 
 Work is weighed by its measured cost, never by image count: a standard-accuracy image of the whole
 split costs a few milliseconds, an attacked one seconds to minutes. Each cell's cost per image is
-what it measured so far (this run; before that, its own earlier runs in the store); a cell not
+what it measured so far (this run; before that, its own earlier runs in the store; a whole-split
+standard-accuracy cell, the clean verdicts its group's attack shards computed); a cell not
 measured yet borrows the rate of the cells most like it (same kind and attack and defense, then same
 defense, then same attack, then same kind). While some cell left to run has no such estimate (no
 attack has reported anything yet) the fraction and the ETA are unknown ("?") rather than guessed.
@@ -173,10 +174,16 @@ class Progress:
             self.live = False
             warnings.warn(f"progress display stopped: {type(exc).__name__}: {exc}")
 
-    def finished(self, task: Task, seconds: float) -> None:
-        """A shard's results are committed; `seconds` is what it measured where it ran."""
+    def finished(self, task: Task, seconds: float, clean_cost: tuple[int, float] | None = None) -> None:
+        """A shard's results are committed; `seconds` is what it measured where it ran. `clean_cost`:
+        the (images, seconds) of the clean verdicts an attack shard computed, the same work per image
+        as its group's whole-split standard-accuracy cell, which thus has a rate before it runs."""
         cell = self.cells[task.cell_key]
         self.cells[task.cell_key] = replace(cell, done=cell.done + len(task.indices), seconds=cell.seconds + seconds)
+        group = self.cells.get(task.cell_key.rsplit("/", 1)[0])   # cell keys: classifier/defense[/attack]
+        if clean_cost and clean_cost[0] > 0 and group is not None and group.kind == "clean" and group.done == 0:
+            self.cells[group.key] = replace(group, prior_images=group.prior_images + clean_cost[0],
+                                            prior_seconds=group.prior_seconds + clean_cost[1])
         self.shards[task.cell_key] += 1
         if self.running is not None and self.running.task is task:
             self.running = None

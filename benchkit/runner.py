@@ -191,7 +191,7 @@ def _dispatch(resolved: ResolvedSuite, store: Store, executor: Executor, plans: 
             progress.failed(p.cell.key)
             continue
         store.commit_shard(p.cell_id, outcome.run_id, result.rows, result.seconds, result.stats, result.samples)
-        progress.finished(task, result.seconds)
+        progress.finished(task, result.seconds, clean_cost=result.clean_cost if p.cell.kind == "attack" else None)
         p.left -= 1
         if p.left == 0:
             submit_checks(p)

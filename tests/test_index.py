@@ -183,7 +183,8 @@ def test_limit_is_flagged_in_every_format(runs, capsys, tmp_path):
     page = tmp_path / "index.html"
     idx = index_json(capsys, runs, "--html", str(page))
     flag = f"limit {LIMIT} of 24"
-    assert run_of(idx, runs / "limited")["limit"] == {"limit": LIMIT, "dataset_n": [24]}
+    flagged = run_of(idx, runs / "limited")["limit"]
+    assert (flagged["limit"], flagged["n"], flagged["n_of"]) == (LIMIT, [LIMIT], [24])
     assert run_of(idx, runs / "limited")["limit_text"] == flag
     assert all(r["limit"] is None for r in idx["runs"] if not r["dir"].endswith("limited"))
     limited_line = next(line for line in cli(capsys, "report", "--index", str(runs)).splitlines() if "limited" in line)

@@ -121,6 +121,22 @@ def test_the_log_has_one_line_per_shard_with_cell_shard_images_elapsed_and_eta()
     assert "\r" not in out.getvalue()
 
 
+def test_attack_shards_price_their_groups_standard_accuracy_cell_before_it_runs():
+    # Attack cells run before the whole-split cells; their clean verdicts are the same work per image.
+    clock, out = Clock(), io.StringIO()
+    cells = [CellWork("near/none/pgd", "attack", "pgd", "none", 10, shards=1),
+             CellWork("near/none", "clean", "", "none", 1000, shards=1)]
+    prog = Progress(cells, stream=out, clock=clock)
+    clock.t = 10.0
+    prog.finished(Task("shard", "near/none/pgd", tuple(range(10))), 10.0, clean_cost=(10, 0.1))
+    # 10 s spent; 1000 clean images at 0.01 s left: 10 s -> half done, 10 s to go.
+    assert estimate(prog.snapshot()).fraction == pytest.approx(0.5)
+    assert out.getvalue().splitlines()[-1].endswith("ETA 00:10")
+    # the cell's own measurement replaces the probe as soon as it has one
+    prog.finished(Task("shard", "near/none", tuple(range(1000))), 30.0, clean_cost=(0, 0.0))
+    assert estimate(prog.snapshot()).remaining == 0.0
+
+
 def test_a_running_shard_counts_what_its_attack_reported_else_what_its_rate_predicts():
     clock = Clock()
     prog = Progress(two_cells(), stream=io.StringIO(), clock=clock)
