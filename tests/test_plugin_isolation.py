@@ -168,7 +168,7 @@ def test_third_party_kind_and_optional_implementations(plugin_manager, capsys):
     registry.reset()
     assert registry.get("toy-models").get("toy").build() == "a toy"
     assert main(["ls", "toy-models"]) == 0
-    assert "toy                a toy model  [provider]" in capsys.readouterr().out
+    assert "  toy  a toy model  [provider]" in capsys.readouterr().out.splitlines()
 
     # DiffPure refuses, in one line, a score model that is neither a ScoreModel nor a noise predictor.
     from benchkit_diffpure.plugin import build_score_model
