@@ -108,17 +108,6 @@ def checklist(items: list[tuple[str, Asset, Path]]) -> list[str]:
     return lines
 
 
-def missing(items: list[tuple[str, Asset, Path]]) -> list[tuple[str, Asset, Path]]:
-    """The items whose file is absent, each file once."""
-    seen: set[Path] = set()
-    out = []
-    for item in items:
-        if not item[2].exists() and item[2] not in seen:
-            seen.add(item[2])
-            out.append(item)
-    return out
-
-
 def _places(wheres: list[str]) -> str:
     # 'suite.yaml: defenses[1], defenses[2]' rather than the file name twice.
     file = wheres[0].split(": ", 1)[0]

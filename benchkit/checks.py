@@ -205,16 +205,16 @@ ADVICE = {
                        "and returns its examples in the order of its inputs; do not report this cell's numbers",
     "gradients": "the attack got zero or non-finite gradients on many images, the mark of gradient masking (a "
                  "non-differentiable, saturating or quantising step in the defense): attack through BPDA "
-                 "(a bpda-eot attack, or `gradient: bpda` on the defense) or with a gradient-free attack "
-                 "(square) and report the lower number, or fix the defense's backward pass",
+                 "(an attack in bpda mode, or `gradient: bpda` on the defense) or with a gradient-free (query) attack "
+                 "and report the lower number, or fix the defense's backward pass",
     "attack-undefended": "the attack does not break the undefended classifier on the same images, so it is too weak "
                          "at this budget or broken: raise its steps or restarts, check its step size against eps "
                          "and its loss; until this passes, the defended cell's robust accuracy is only an upper bound",
     "unbounded-budget": "with the budget lifted the attack should drive accuracy to about 0%; as it does not, the "
                         "gradients it follows are masked or obfuscated: attack with exact or BPDA gradients, more "
-                        "EOT samples, or a gradient-free attack (square), and treat this robust accuracy as unreliable",
+                        "EOT samples, or a gradient-free (query) attack, and treat this robust accuracy as unreliable",
     "eot-convergence": "robust accuracy still moves when the attack's EOT samples double, so the attack has not "
-                       "averaged out the defense's randomness: raise the attack's `eot` param (e.g. double it) until "
+                       "averaged out the defense's randomness: raise the attack's EOT samples (e.g. double them) until "
                        "n and 2n samples agree within 2 points, and report that number; on a small check subset "
                        "(checks.subset) a single image moves it more than that, so check on more images first",
     "gradient-correctness": "the gradient the attack follows disagrees with the solver's true gradient (cosine "

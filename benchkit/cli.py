@@ -126,25 +126,24 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def _require_assets(resolved) -> None:
     """Every declared file present before anything runs; else the checklist of missing ones."""
-    from benchkit.assets import checklist, missing
+    from benchkit.assets import checklist
 
-    items = resolved.assets()
-    if absent := missing(items):
-        raise BadInput([f"{len(absent)} file(s) missing; nothing was run (set BENCHKIT_HOME or the params' path):"]
-                       + checklist([i for i in items if not i[2].exists()]))
+    if lines := checklist([item for item in resolved.assets() if not item[2].exists()]):   # one line per file
+        raise BadInput([f"{len(lines)} file(s) missing; nothing was run (set BENCHKIT_HOME or the params' path):"]
+                       + lines)
 
 
 def cmd_assets(args: argparse.Namespace) -> int:
     from benchkit import resolve
-    from benchkit.assets import checklist, missing
+    from benchkit.assets import checklist
 
-    absent = 0
+    missing = False
     for path in args.suites:
         items = resolve.load(path).assets()
         for line in checklist(items) or [f"{path}: no files needed beyond the installed packages"]:
             print(line)
-        absent += len(missing(items))
-    return EXIT_BAD_INPUT if absent else EXIT_OK
+        missing = missing or any(not p.exists() for _, _, p in items)
+    return EXIT_BAD_INPUT if missing else EXIT_OK
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
@@ -183,15 +182,15 @@ def cmd_ls(args: argparse.Namespace) -> int:
 
 
 def _suites(folder: str | None) -> list[tuple[Path, str]]:
-    """The suites of a folder (default: the shipped ones, runnable by name), each with the first
-    sentence of its description."""
+    """The suites of a folder (default: the shipped ones, runnable by name), each with the start of
+    its description (90 characters)."""
     import yaml
 
     from benchkit.suite import shipped
 
-    paths = sorted(Path(folder).glob("*.yaml")) if folder else shipped()
     if folder and not Path(folder).is_dir():
         raise BadInput(f"--dir {folder}: not a folder")
+    paths = sorted(Path(folder).glob("*.yaml")) if folder else shipped()
     out = []
     for path in paths:
         try:
@@ -221,8 +220,7 @@ def cmd_describe(args: argparse.Namespace) -> int:
                                                                  else " (benchkit ls lists them)"))
     for i, e in enumerate(entries):
         print(("\n" if i else "") + f"{e.id} ({e.kind[:-1]}, plugin {e.plugin}): {e.description}")
-        doc = " ".join((e.params.__doc__ or "").split())
-        if doc and e.params.__doc__ != type(e.params).__doc__:
+        if doc := " ".join((e.params.__doc__ or "").split()):
             print(doc)
         if e.kind == "defenses":
             from benchkit.defended import supported_modes
@@ -396,7 +394,7 @@ def build_parser() -> argparse.ArgumentParser:
                                  "which `benchkit run NAME` finds from any folder)")
     p.set_defaults(func=cmd_ls)
     p = sub.add_parser("describe", help="a component's parameters: types, defaults, descriptions")
-    p.add_argument("id", help="a component id, e.g. pgd-eot, diffpure, digits (benchkit ls)")
+    p.add_argument("id", help="a component id, as `benchkit ls` lists them")
     p.add_argument("--kind", choices=list(registry.kinds()), help="only this kind (when ids collide across kinds)")
     p.set_defaults(func=cmd_describe)
     p = sub.add_parser("plugins", help="installed plugins, versions and hooks")

@@ -29,10 +29,6 @@ MAX_DIFF = 3   # differing keys named in a config label; the rest are counted
 
 # ------------------------------------------------------------------ one run
 
-def _acc(a: metrics.Accuracy | None) -> dict | None:
-    return None if a is None else a.as_dict()
-
-
 def defense_lines(data: dict) -> list[dict]:
     """Per (classifier, defense) of a run: its worst case over the suite's attacks, or why none.
 
@@ -199,8 +195,8 @@ def _lowest(d: dict) -> str:
 
 def as_json(idx: dict) -> dict:
     def run(r: dict) -> dict:
-        defenses = [d | {"worst_case": _acc(d["worst_case"]), "clean": _acc(d["clean"]),
-                         "cells": [c | {"robust": _acc(c["robust"])} for c in d["cells"]]} for d in r["defenses"]]
+        defenses = [d | {"worst_case": report.acc_dict(d["worst_case"]), "clean": report.acc_dict(d["clean"]),
+                         "cells": [c | {"robust": report.acc_dict(c["robust"])} for c in d["cells"]]} for d in r["defenses"]]
         return r | {"dir": str(r["dir"]), "page": r["page"] and str(r["page"]), "defenses": defenses,
                     "limit_text": limit_text(r["limit"])}
     return {"parent": idx["parent"], "runs": [run(r) for r in idx["runs"]], "configs": idx["configs"]}

@@ -104,7 +104,7 @@ def collect(store: Store, run_id: int | None = None) -> dict:
     prov = json.loads(run["provenance_json"])
     cell_ids, cell_n = prov.get("cell_ids", {}), prov.get("cell_n", {})
     threats, dataset_n = prov.get("threats", {}), prov.get("dataset_n", {})
-    rows, split = [], []
+    rows, split, robust_flags = [], [], {}
     for key, cell_id in cell_ids.items():
         cell = store.cell(cell_id)
         n_expected = cell_n.get(key, cell["n_images"])
@@ -125,11 +125,13 @@ def collect(store: Store, run_id: int | None = None) -> dict:
                "checks": [dict(c) | {"numbers": json.loads(c["numbers_json"])} for c in store.checks(cell_id)],
                "seconds": sum(sh["seconds"] for sh in store.shards(cell_id)), "cell_id": cell_id}
         (split if cell["kind"] == "clean" else rows).append(row)
+        if s is not None:
+            robust_flags[key] = s["robust_flags"]
     references = suite.get("references", [])
     for r in rows:
         r["paper"] = matching_reference(references, r)
     data = {"run": dict(run), "suite": suite, "provenance": prov, "rows": rows, "split": split,
-            "references": references, "groups": worst_case_groups(store, rows)}
+            "references": references, "groups": worst_case_groups(rows, robust_flags)}
     return data | {"curves": curves(data), "strips": strips(store, rows), "limit": limit_info(data)}
 
 
@@ -239,8 +241,9 @@ def verdict_text(v: dict | None) -> str:
     return "-" if v is None else f"{v['value']:.2f}"
 
 
-def worst_case_groups(store: Store, rows: list[dict]) -> list[dict]:
-    """Per (classifier, defense): robust only if an image survives every attack of the suite."""
+def worst_case_groups(rows: list[dict], robust_flags: dict) -> list[dict]:
+    """Per (classifier, defense): robust only if an image survives every attack of the suite.
+    robust_flags: cell key -> its per-image, per-repeat robust flags (metrics.summarise)."""
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
         if r["complete"] and r["n"]:
@@ -249,14 +252,12 @@ def worst_case_groups(store: Store, rows: list[dict]) -> list[dict]:
     for (clf, dfn), cells in groups.items():
         if len(cells) < 2:
             continue
-        per_cell = [metrics.summarise([e for e in store.examples(r["cell_id"]) if e["image_index"] < r["n_expected"]])
-                    for r in cells]
-        mats = [c["robust_flags"] for c in per_cell]
+        mats = [robust_flags[r["key"]] for r in cells]
         if len({m.shape for m in mats}) != 1:
             continue
         out.append({"classifier": clf, "defense": dfn, "attacks": len(cells), "n_total": cells[0].get("n_total"),
                     "threats": list({json.dumps(r["threat"], sort_keys=True): r["threat"] for r in cells}.values()),
-                    "clean": per_cell[0]["clean"], "robust": metrics.accuracy(metrics.worst_case(mats))})
+                    "clean": cells[0]["clean"], "robust": metrics.accuracy(metrics.worst_case(mats))})
     return out
 
 
@@ -396,9 +397,12 @@ def csv_table(data: dict) -> str:
     return buf.getvalue()
 
 
+def acc_dict(a: metrics.Accuracy | None) -> dict | None:
+    return None if a is None else a.as_dict()
+
+
 def as_json(data: dict) -> dict:
-    def acc(a):
-        return a.as_dict() if a is not None else None
+    acc = acc_dict
     return {"run": data["run"] and {k: data["run"][k] for k in ("id", "suite_name", "suite_hash", "status")},
             "limit": data.get("limit"),
             "cells": [{k: (acc(v) if k in ("clean", "robust") else v) for k, v in r.items() if k != "per_variant"}

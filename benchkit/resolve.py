@@ -120,7 +120,7 @@ def gradient_problems(path: Path, suite: Suite, modes: dict[str, tuple[str, ...]
     """One line per defense whose `gradient:` setting it does not support, and per (defense, attack)
     pair whose attack fixes a gradient mode the defense does not support. `modes`: defense id -> its
     supported modes (defenses absent from it are not checked here). An attack without a mode of its
-    own (gradient None: square, transfer, ...) sees the defense's setting or default, checked above."""
+    own (gradient None: query and transfer attacks) sees the defense's setting or default, checked above."""
     lines = []
     for i, d in enumerate(suite.defenses):
         if d.id in modes and d.gradient and d.gradient not in modes[d.id]:

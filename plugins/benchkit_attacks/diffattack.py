@@ -72,7 +72,7 @@ class DiffAttackLoss(GradientAttack):
         best = self.selector(model, x, y, ctx)
         out = apgd(self.objective(m, y), x, self.threat, steps=p.steps, noise=ctx.noise, restarts=p.restarts,
                    random_init=p.random_start,
-                   callback=chain(best, self.callback, reporting(ctx, p.restarts * (p.steps + 1))))
+                   callback=chain(best, self.callback, reporting(ctx, p)))
         return with_best(AttackResult(out.x_adv, stats=out.stats), best)
 
 

@@ -144,7 +144,7 @@ class DiffHammer(GradientAttack):
             return loss.mean(0), grad
 
         stats: dict[str, float] = {}
-        seen = chain(best, self.callback, reporting(ctx, p.restarts * (p.steps + 1)))
+        seen = chain(best, self.callback, reporting(ctx, p))
         for r in range(p.restarts):
             state["loss_fn"] = LOSSES[p.losses[r % len(p.losses)]]
             offset = r * (p.steps + 1)   # steps counted across restarts, as pgd's callbacks

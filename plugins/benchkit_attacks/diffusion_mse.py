@@ -50,7 +50,7 @@ class DiffusionMSE(GradientAttack):
         out = pgd(lambda z: purifier_only.loss_and_grad(mse, z, index, p.eot), x, self.threat,
                   steps=p.steps, step_size=p.resolved_step(), noise=ctx.noise, restarts=p.restarts,
                   random_init=p.random_start,
-                  callback=chain(self.callback, reporting(ctx, p.restarts * (p.steps + 1))))
+                  callback=chain(self.callback, reporting(ctx, p)))
         stats = dict(out.stats)
         if torch.isfinite(out.loss).all():
             stats["purified_mse"] = float(out.loss.mean())

@@ -228,7 +228,7 @@ class LowFrequency(GradientAttack):
         m, p = self.view(model), self.params
         x = x.detach()
         best = self.selector(model, x, y, ctx)
-        inner = chain(best, self.callback, reporting(ctx, p.restarts * (p.steps + 1)))
+        inner = chain(best, self.callback, reporting(ctx, p))
         # pgd()'s iterate is z = x + u; observers get the example whose loss was computed.
         callback: Callback | None = None if inner is None else (
             lambda step, z, loss, grad: inner(step, self.map.example(x, z), loss, grad))

@@ -7,7 +7,7 @@ draw their EOT samples through `DefendedModel.loss_and_grad`, so samples run as 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Protocol
 
 import torch
 from pydantic import Field, model_validator
@@ -42,9 +42,16 @@ def chain(*callbacks: Callback | None) -> Callback | None:
     return each
 
 
-def reporting(ctx: AttackContext, total: int) -> Callback:
-    """A callback reporting each gradient evaluation to the host (ctx.progress), out of `total`
-    evaluations in the call (restarts x (steps + 1) for pgd and apgd)."""
+class Schedule(Protocol):
+    """The params of an attack that runs pgd or apgd: `restarts` runs of `steps` iterations."""
+    restarts: int
+    steps: int
+
+
+def reporting(ctx: AttackContext, schedule: Schedule) -> Callback:
+    """A callback reporting each gradient evaluation to the host (ctx.progress), out of the
+    restarts x (steps + 1) evaluations pgd and apgd make under `schedule`."""
+    total = schedule.restarts * (schedule.steps + 1)
     return lambda step, *_: ctx.progress(step + 1, total)
 
 
@@ -233,7 +240,7 @@ class PGDEOT(GradientAttack):
             loss_fn, labels = targeted_objective(p.loss, y, target)
         loss_fn = judge.capturing(loss_fn) if judge else loss_fn
         callback = chain(judge.after if judge else None, best, self.callback,
-                         reporting(ctx, p.restarts * (p.steps + 1)))
+                         reporting(ctx, p))
         out = pgd(lambda z: m.loss_and_grad(loss_fn, z, labels, p.eot, average=p.eot_average), x, self.threat,
                   steps=p.steps, step_size=p.resolved_step(), noise=ctx.noise, restarts=p.restarts,
                   random_init=p.random_start, callback=callback)

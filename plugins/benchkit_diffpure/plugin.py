@@ -229,11 +229,10 @@ def register_component_kinds(register):
 
 
 def diffpure_modes(p: DiffPureParams) -> tuple[str, ...]:
-    """Exact backprop through any solver; torchsde's adjoint only for the continuous-time samplers
-    (a discrete ddpm / ddim chain has none), as DiffPure itself declares."""
-    from benchkit_diffpure.solver import DISCRETE_SAMPLERS
+    """What the built DiffPure will declare, known from the params before any model is built."""
+    from benchkit_diffpure.purifier import defense_modes
 
-    return ("exact",) if p.sampler in DISCRETE_SAMPLERS else ("exact", "adjoint")
+    return defense_modes(p.sampler)
 
 
 @hookimpl

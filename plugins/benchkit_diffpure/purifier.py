@@ -11,7 +11,13 @@ from benchkit.defended import Purifier
 from benchkit.noise import GLOBAL_NOISE, Noise, PerExampleNoise, derive_seed
 from benchkit_diffpure import sde
 from benchkit_diffpure.score import ScoreModel
-from benchkit_diffpure.solver import DISCRETE_SAMPLERS, SAMPLERS, default_steps, integrate
+from benchkit_diffpure.solver import DISCRETE_SAMPLERS, SAMPLERS, default_steps, integrate, solver_gradients
+
+
+def defense_modes(sampler: str) -> tuple[str, ...]:
+    """The gradient modes DiffPure implements for a sampler: exact, and adjoint where the solver has
+    one (continuous samplers; a discrete ddpm / ddim chain has none). bpda / none come from the host."""
+    return tuple(m for m in ("exact", "adjoint") if m in solver_gradients(sampler))
 
 
 class DiffPure(Purifier):
@@ -73,9 +79,7 @@ class DiffPure(Purifier):
         self.ddim_eta = ddim_eta
         # Discrete forward noising, and t* on the 1/1000 grid.
         self.discrete = score_model.discrete_time or forward == "discrete" or sampler in DISCRETE_SAMPLERS
-        # A discrete chain has no continuous-time adjoint.
-        self.gradient_modes = ("exact", "bpda", "none") if sampler in DISCRETE_SAMPLERS else \
-            ("exact", "adjoint", "bpda", "none")
+        self.gradient_modes = (*defense_modes(sampler), "bpda", "none")
         t_max = t_star + (t_delta if t_delta_mode == "per-image" else 0.0)
         self.n_steps = default_steps(sampler, t_max, dt)
 
