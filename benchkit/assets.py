@@ -6,6 +6,7 @@ path, where the file is published and (when known) its size or sha256.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,9 +24,10 @@ def home() -> Path:
 @dataclass(frozen=True)
 class Asset:
     relpath: str          # under BENCHKIT_HOME
-    source: str           # where a user gets it
-    sha256: str | None = None
-    size: int | None = None
+    source: str           # where a user gets it (shown to people)
+    sha256: str | None = None   # the published digest, where the publisher gives one
+    size: int | None = None     # the published size in bytes, where known
+    url: str | None = None      # the address `benchkit assets --download` fetches (None: a manual step)
 
     @property
     def path(self) -> Path:
@@ -54,6 +56,59 @@ def sha256_file(path: str | Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
+
+
+def file_digest(path: str | Path) -> str:
+    """The file's sha256, computed once per (path, size, modification time): a 2 GB checkpoint is
+    hashed once, not on every run. The cache lives in BENCHKIT_HOME/sha256-cache.json."""
+    p = Path(path).resolve()
+    st = p.stat()
+    key = f"{p}|{st.st_size}|{st.st_mtime_ns}"
+    cache_file = home() / "sha256-cache.json"
+    try:
+        cache = json.loads(cache_file.read_text())
+    except (OSError, ValueError):
+        cache = {}
+    if not isinstance(cache, dict):
+        cache = {}
+    if isinstance(digest := cache.get(key), str):
+        return digest
+    digest = sha256_file(p)
+    cache = {k: v for k, v in cache.items() if not k.startswith(f"{p}|")} | {key: digest}
+    try:
+        cache_file.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache_file.with_name(f".{cache_file.name}.{os.getpid()}")
+        tmp.write_text(json.dumps(cache, indent=0, sort_keys=True))
+        tmp.replace(cache_file)
+    except OSError:
+        pass   # a read-only BENCHKIT_HOME costs a re-hash next time, nothing more
+    return digest
+
+
+LEDGER = "sha256sums"   # in BENCHKIT_HOME, `sha256sum` format: digests recorded where none is published
+
+
+def recorded_digest(path: str | Path) -> str | None:
+    """The digest recorded for this file when it was downloaded (files without a published one)."""
+    p = str(Path(path).resolve())
+    try:
+        lines = (home() / LEDGER).read_text().splitlines()
+    except OSError:
+        return None
+    found = None
+    for line in lines:
+        digest, _, name = line.partition("  ")
+        if name == p:
+            found = digest
+    return found
+
+
+def record_digest(path: str | Path, digest: str) -> None:
+    """Remember a downloaded file's digest (the last record of a path wins)."""
+    ledger = home() / LEDGER
+    ledger.parent.mkdir(parents=True, exist_ok=True)
+    with open(ledger, "a") as f:
+        f.write(f"{digest}  {Path(path).resolve()}\n")
 
 
 def verify_sha256(path: str | Path, expected: str) -> None:
