@@ -8,19 +8,23 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from benchkit.errors import BadInput
+# Standard library only, both: the console script imports this module before main() runs.
+from benchkit.interrupt import SigintWatch
+from benchkit.text import printable
 
 if TYPE_CHECKING:  # torch is imported inside the commands that need it, as elsewhere in this module
     import torch
 
 EXIT_OK, EXIT_CELL_FAILED, EXIT_BAD_INPUT = 0, 1, 2
+EXIT_INTERRUPTED = 130   # 128 + SIGINT, as shells report a Ctrl-C
 # --device: unset means the suite's eval.device, else auto (an explicit flag beats the suite).
 DEVICE_CHOICES = ["auto", "cpu", "cuda", "mps"]
 
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str):  # usage errors exit 2 with one line, as bad input does
-        self.print_usage(sys.stderr)
-        print(f"{self.prog}: error: {message}", file=sys.stderr)
+        print(f"benchkit: error: {printable(self.prog)}: {printable(message)} (see `{printable(self.prog)} --help`)",
+              file=sys.stderr)
         raise SystemExit(EXIT_BAD_INPUT)
 
 
@@ -66,15 +70,58 @@ def device_label(device: "torch.device") -> str:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from benchkit import provenance, report, resolve, runner
+    import sqlite3
+
+    from benchkit import outdir, resolve
     from benchkit.store import Store
-    from benchkit.suite import resolved_dict, stable_hash
 
     resolved = resolve.load(args.suite, seed=args.seed)   # --seed: error bars, one folder per seed
     suite = resolved.suite
     _require_assets(resolved)
     default_out = Path("runs") / suite.suite if args.seed is None else Path("runs") / suite.suite / f"seed{args.seed}"
     out = Path(args.out or default_out)
+    # Before any model is built: an --out that cannot be written, one another run is writing, or a
+    # results.sqlite that is not a benchkit store is one line, and nothing is touched.
+    with outdir.claim(out, "--out") as claimed:
+        db = out / "results.sqlite"
+        if args.fresh:
+            if db.is_dir():
+                raise BadInput(f"{db}: a folder, not a results file: --fresh removes only files; move it away")
+            for suffix in ("", "-wal", "-shm"):
+                Path(f"{db}{suffix}").unlink(missing_ok=True)
+        new, store = not db.exists(), None
+        try:
+            store = Store(db)
+            store.interrupt_stale_runs()   # we hold the lock: a run still marked running has died
+            return _run_locked(args, resolved, out, store)
+        except BadInput:
+            if new and store is not None and not store.runs():   # refused before storing anything: no trace
+                store.close()
+                store = None
+                claimed.discard([Path(f"{db}{suffix}") for suffix in ("", "-wal", "-shm")])
+            raise
+        except (OSError, sqlite3.Error) as exc:
+            if not outdir.is_disk_full(exc):
+                raise
+            try:
+                if store is not None:
+                    store.interrupt_stale_runs()   # this run, unless it had finished before the disk filled
+            except sqlite3.Error:
+                pass   # the next run on this folder marks it
+            where = getattr(exc, "filename", None) or db
+            raise BadInput(f"{where}: disk full; the committed shards are kept: free space and rerun to resume") \
+                from None
+        finally:
+            if store is not None:
+                store.close()
+
+
+def _run_locked(args: argparse.Namespace, resolved, out: Path, store) -> int:
+    """The run itself, its output folder locked and its store open (cmd_run)."""
+    from benchkit import provenance, report, runner
+    from benchkit.suite import resolved_dict, stable_hash
+
+    suite = resolved.suite
     if args.executor == "ray":
         from benchkit.executors.ray import RayExecutor, cluster_device
 
@@ -93,18 +140,14 @@ def cmd_run(args: argparse.Namespace) -> int:
         comps = resolved.build(device)
         executor = LocalExecutor(resolved, comps)
         sizes = {c.key: len(comps.dataset(c)) for c in resolved.cells}
-    if args.fresh and (out / "results.sqlite").exists():
-        for suffix in ("", "-wal", "-shm"):
-            (out / f"results.sqlite{suffix}").unlink(missing_ok=True)
-    store = Store(out / "results.sqlite")
     suite_json = resolved_dict(suite)
-    prov = provenance.collect(device, stable_hash(suite_json), suite.seed) | {"executor": args.executor}
+    prov = provenance.collect(device, stable_hash(suite_json), suite.seed, resolved) | {"executor": args.executor}
 
     def announce(plans) -> None:
         todo = sum(len(p.shards) for p in plans)
         clean = sum(p.cell.kind == "clean" for p in plans)
         extra = f" + standard accuracy of {clean} group(s) on the whole split" if clean else ""
-        print(f"benchkit: {suite.suite}: {len(plans) - clean} cells{extra}, {todo} shard(s) to compute -> {out} "
+        print(f"benchkit: {suite.suite}: {len(plans) - clean} cells{extra}, {todo} shard(s) to compute -> {printable(str(out))} "
               f"(device: {where})", file=sys.stderr)
 
     try:
@@ -119,8 +162,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"benchkit: {line}", file=sys.stderr)
     html = report.render_html(data, out / "leaderboard.html")
     for f in outcome.failures:
-        print(f"benchkit: cell failed: {f}", file=sys.stderr)
-    print(f"leaderboard: {html.resolve()}")
+        print(f"benchkit: cell failed: {printable(f)}", file=sys.stderr)
+    print(f"leaderboard: {printable(str(html.resolve()))}")
     return EXIT_CELL_FAILED if outcome.failures else EXIT_OK
 
 
@@ -129,7 +172,8 @@ def _require_assets(resolved) -> None:
     from benchkit.assets import checklist
 
     if lines := checklist([item for item in resolved.assets() if not item[2].exists()]):   # one line per file
-        raise BadInput([f"{len(lines)} file(s) missing; nothing was run (set BENCHKIT_HOME or the params' path):"]
+        raise BadInput([f"{len(lines)} file(s) missing; nothing was run (`benchkit assets SUITE --download` fetches "
+                        "what is published for download; or set BENCHKIT_HOME or the params' path):"]
                        + lines)
 
 
@@ -137,13 +181,28 @@ def cmd_assets(args: argparse.Namespace) -> int:
     from benchkit import resolve
     from benchkit.assets import checklist
 
-    missing = False
-    for path in args.suites:
-        items = resolve.load(path).assets()
+    suites = [(path, resolve.load(path).assets()) for path in args.suites]   # every suite checked before any download
+    if args.download:
+        from benchkit.download import download_all
+
+        for path, items in suites:
+            if not items:
+                print(f"{printable(str(path))}: no files needed beyond the installed packages")
+        download_all([item for _, items in suites for item in items])   # BadInput: one line per file still missing
+        return EXIT_OK
+    missing = {}
+    for path, items in suites:
         for line in checklist(items) or [f"{path}: no files needed beyond the installed packages"]:
-            print(line)
-        missing = missing or any(not p.exists() for _, _, p in items)
-    return EXIT_BAD_INPUT if missing else EXIT_OK
+            print(printable(line))
+        missing |= {p: asset for _, asset, p in items if not p.exists()}
+    if missing:
+        auto = sum(1 for a in missing.values() if a.url or a.archive)
+        manual = len(missing) - auto
+        fetch = f"`benchkit assets {' '.join(args.suites)} --download` fetches {'them' if not manual else auto}"
+        raise BadInput(f"{len(missing)} file(s) missing: " + (
+            fetch if not manual else f"{fetch}; {manual} need a manual step (see where each is published)" if auto
+            else "none has a download address: get each from where it is published"))
+    return EXIT_OK
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
@@ -153,7 +212,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
     for path in args.suites:
         try:
             r = resolve.load(path)
-            print(f"{path}: ok ({sum(c.kind == 'attack' for c in r.cells)} cells)")
+            print(f"{printable(str(path))}: ok ({sum(c.kind == 'attack' for c in r.cells)} cells)")
         except BadInput as exc:
             problems.extend(exc.problems)
     if problems:
@@ -171,7 +230,7 @@ def cmd_ls(args: argparse.Namespace) -> int:
             suites = _suites(args.dir)
             width = max((len(str(path)) for path, _ in suites), default=0)
             for path, description in suites:
-                print(f"  {str(path):{width}s}  {description}")
+                print(f"  {printable(str(path)):{width}s}  {printable(description)}")
             continue
         entries = list(registry.get(kind))
         width = max((len(e.id) for e in entries), default=0)
@@ -184,8 +243,7 @@ def cmd_ls(args: argparse.Namespace) -> int:
 def _suites(folder: str | None) -> list[tuple[Path, str]]:
     """The suites of a folder (default: the shipped ones, runnable by name), each with the start of
     its description (90 characters)."""
-    import yaml
-
+    from benchkit import suite_yaml
     from benchkit.suite import shipped
 
     if folder and not Path(folder).is_dir():
@@ -193,9 +251,9 @@ def _suites(folder: str | None) -> list[tuple[Path, str]]:
     paths = sorted(Path(folder).glob("*.yaml")) if folder else shipped()
     out = []
     for path in paths:
-        try:
-            text = (yaml.safe_load(path.read_text()) or {}).get("description") or ""
-        except (yaml.YAMLError, AttributeError, OSError):
+        try:   # the suite reader's limits hold here too: a hostile file in --dir is one note, not a crash
+            text = suite_yaml.read(path).data.get("description") or ""
+        except (BadInput, OSError):
             text = "(cannot be read: `benchkit validate` says why)"
         text = " ".join(str(text).split())
         out.append((path if folder else Path(path.stem), text if len(text) <= 90 else text[:89] + "…"))
@@ -257,6 +315,10 @@ def cmd_report(args: argparse.Namespace) -> int:
 
     if (args.dir is None) == (args.index is None):
         raise BadInput("report: give a run folder DIR or --index PARENT_DIR (not both)")
+    if args.html:   # its folder made (or the one line why not) before anything is read
+        from benchkit.outdir import prepare_file
+
+        prepare_file(Path(args.html), "--html")
     if args.index is not None:
         if not Path(args.index).is_dir():
             raise BadInput(f"--index {args.index}: not a folder")
@@ -264,22 +326,27 @@ def cmd_report(args: argparse.Namespace) -> int:
 
         idx = index.index(Path(args.index))
         if not idx["runs"]:
-            raise BadInput(f"--index {args.index}: no results.sqlite under this folder")
+            raise BadInput(idx["skipped"] + [f"--index {args.index}: no readable results.sqlite under this folder"])
+        for line in idx["skipped"]:
+            print(f"benchkit: left out of the index: {printable(line)}", file=sys.stderr)
         print(index.index_table(idx, args.format))
         if args.html:
-            print(f"index: {index.render_index(idx, Path(args.html)).resolve()}", file=sys.stderr)
+            print(f"index: {printable(str(index.render_index(idx, Path(args.html)).resolve()))}", file=sys.stderr)
         return EXIT_OK
     db = Path(args.dir) / "results.sqlite"
-    if not db.is_file():
+    if not db.exists():
         raise BadInput(f"{args.dir}: no results.sqlite here (run `benchkit run SUITE --out {args.dir}` first)")
-    store = Store(db)
-    data = report.collect(store)
+    store = Store.read_only(db)   # a snapshot in memory: the folder is never written
+    try:
+        data = report.collect(store)
+    finally:
+        store.close()
     print(report.table(data, args.format))
     if args.format == "table":
         for line in report.check_advice(data):
             print(f"benchkit: {line}", file=sys.stderr)
     if args.html:
-        print(f"leaderboard: {report.render_html(data, Path(args.html)).resolve()}", file=sys.stderr)
+        print(f"leaderboard: {printable(str(report.render_html(data, Path(args.html)).resolve()))}", file=sys.stderr)
     return EXIT_OK
 
 
@@ -289,7 +356,7 @@ def cmd_purify(args: argparse.Namespace) -> int:
 
     import torch
 
-    from benchkit import png, resolve
+    from benchkit import outdir, png, resolve
     from benchkit.noise import PerExampleNoise, derive_seed
 
     resolved = resolve.load(args.suite)
@@ -317,6 +384,9 @@ def cmd_purify(args: argparse.Namespace) -> int:
     stems = [p.stem for p, _ in images]
     problems += [f"{p}: another input is also named {p.stem}.png; outputs would overwrite each other"
                  for p, _ in images if stems.count(p.stem) > 1]
+    out = Path(args.out)
+    if problem := outdir.folder_problem(out, f"--out {out}"):   # made now: no defense is built for nothing
+        problems.append(problem)
     if problems:
         raise BadInput(problems)
     comp = resolved.defenses[args.defense]
@@ -327,8 +397,6 @@ def cmd_purify(args: argparse.Namespace) -> int:
         raise BadInput([f"{where}: {p}" for p in getattr(exc, "problems", [str(exc)])]) from None
     device = local_device(args.device, suite.eval.device)
     purifier = purifier.to(device).eval()
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     for path, x in images:
         noise = PerExampleNoise([derive_seed(args.seed, path.name)])
         try:
@@ -341,7 +409,7 @@ def cmd_purify(args: argparse.Namespace) -> int:
             continue
         target = out / f"{path.stem}.png"
         target.write_bytes(png.from_tensor(y))
-        print(target)
+        print(printable(str(target)))
     if problems:
         raise BadInput(problems)
     return EXIT_OK
@@ -363,6 +431,19 @@ def _shape_text(shape: tuple[int, int, int]) -> str:
     return f"{channels} {shape[1]}x{shape[2]}"
 
 
+def _positive_limit(text: str) -> int:
+    """--limit N: a whole number of images, at least 1 (0 or less would run nothing and say ok).
+    BadInput, not argparse's ArgumentTypeError: it passes through parse_args to main's one line
+    (`--limit 0: ...`), as other flags' bad values do, without the usage block."""
+    try:
+        n = int(text)
+    except ValueError:
+        raise BadInput(f"--limit {text}: not a whole number; give the number of images to evaluate") from None
+    if n < 1:
+        raise BadInput(f"--limit {text}: must be a positive number of images")
+    return n
+
+
 def build_parser() -> argparse.ArgumentParser:
     from benchkit import registry
     from benchkit.plugins import get_plugin_manager
@@ -377,7 +458,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=DEVICE_CHOICES,
                    help="where the models run (default: the suite's eval.device, else auto: cuda if available, "
                         "else mps, else cpu)")
-    p.add_argument("--limit", type=int, help="only the first N images")
+    p.add_argument("--limit", type=_positive_limit, help="only the first N images (N >= 1)")
     p.add_argument("--seed", type=int, help="override the suite's seed (default output runs/<suite>/seed<N>; "
                                             "`report --index runs/<suite>` then gives mean ± std over seeds)")
     p.add_argument("--fresh", action="store_true", help="discard stored results in the output folder")
@@ -385,8 +466,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("validate", help="resolve every plugin id and params; run nothing")
     p.add_argument("suites", nargs="+")
     p.set_defaults(func=cmd_validate)
-    p = sub.add_parser("assets", help="checklist of the checkpoints and data files suites need")
+    p = sub.add_parser("assets", help="checklist of the checkpoints and data files suites need; --download fetches them")
     p.add_argument("suites", nargs="+")
+    p.add_argument("--download", action="store_true",
+                   help="fetch every missing file that has a download address into the path the run expects "
+                        "(resumes partial downloads, checks published digests); name the others' manual step")
     p.set_defaults(func=cmd_assets)
     p = sub.add_parser("ls", help="list registered components and suites")
     p.add_argument("kind", nargs="?", choices=[*registry.kinds(), "suites"])
@@ -422,22 +506,40 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    with SigintWatch() as sigint:
+        return _main(argv, sigint)
+
+
+def _main(argv: list[str] | None, sigint: SigintWatch) -> int:
     try:
+        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
         args = build_parser().parse_args(argv)
         status = int(args.func(args) or 0)
         sys.stdout.flush()   # inside the try: a closed pipe found at exit would escape as a traceback
         return status
     except BadInput as exc:
         for line in exc.problems:
-            print(f"benchkit: error: {line}", file=sys.stderr)
+            print(f"benchkit: error: {printable(line)}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except BrokenPipeError:
         # The reader left (`report --format json | head`): what it took was what it wanted. Point
         # stdout at /dev/null so the interpreter's final flush cannot raise again.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return EXIT_OK
+    except BaseException as exc:  # noqa: BLE001 - a full disk and an interrupt are answered here; the rest re-raised
+        if isinstance(exc, SystemExit):
+            raise
+        from benchkit import outdir
 
+        if outdir.is_disk_full(exc):   # sqlite's 'database or disk is full', ENOSPC: nothing stored is lost
+            print(f"benchkit: error: {printable(outdir.disk_full_line(exc))}", file=sys.stderr)
+            return EXIT_BAD_INPUT
+        # Ctrl-C anywhere else (parsing, loading plugins, a command's `import torch`): nothing was
+        # computed yet or it is already stored; `run` says so itself when interrupted mid-run.
+        if isinstance(exc, KeyboardInterrupt) or sigint.seen:
+            print("benchkit: interrupted", file=sys.stderr)
+            return EXIT_INTERRUPTED
+        raise
 
 if __name__ == "__main__":
     sys.exit(main())

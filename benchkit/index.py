@@ -21,7 +21,9 @@ import numpy as np
 from tabulate import tabulate
 
 from benchkit import metrics, report
+from benchkit.errors import BadInput
 from benchkit.store import Store
+from benchkit.text import printable
 
 ACC_FIELDS = [f.name for f in dataclasses.fields(metrics.Accuracy)]
 MAX_DIFF = 3   # differing keys named in a config label; the rest are counted
@@ -69,7 +71,7 @@ def limit_text(flag: dict | None) -> str:
 
 def run_summary(db: Path, parent: Path) -> dict | None:
     """The index's view of a folder's latest run, or None when the store holds no run."""
-    store = Store(db)
+    store = Store.read_only(db)   # an index only reads: never migrates or locks a run folder
     try:
         data = report.collect(store)
     finally:
@@ -153,7 +155,13 @@ def index(parent: Path) -> dict:
     """Every run folder (results.sqlite) under parent, its latest run; runs grouped by
     configuration, each group pooled over its seeds."""
     parent = Path(parent)
-    runs = [s for db in sorted(parent.rglob("results.sqlite")) if (s := run_summary(db, parent)) is not None]
+    runs, skipped = [], []
+    for db in sorted(parent.rglob("results.sqlite")):
+        try:
+            if (summary := run_summary(db, parent)) is not None:
+                runs.append(summary)
+        except BadInput as exc:   # one unreadable folder is named and left out; the others are indexed
+            skipped.extend(exc.problems)
     by_name: dict[str, list[dict]] = {}   # suite name -> its configurations, in order of first appearance
     for r in runs:
         configs = by_name.setdefault(r["suite"], [])
@@ -172,7 +180,7 @@ def index(parent: Path) -> dict:
                           | pool(c["runs"]))
     for r in runs:
         del r["_config"]
-    return {"parent": str(parent), "runs": runs, "configs": groups}
+    return {"parent": str(parent), "runs": runs, "configs": groups, "skipped": skipped}
 
 
 # ------------------------------------------------------------------ output
@@ -242,9 +250,10 @@ def index_table(idx: dict, fmt: str = "table") -> str:
         return json.dumps(as_json(idx), indent=2)
     if fmt == "csv":
         buf = io.StringIO()
-        w = csv.DictWriter(buf, fieldnames=CSV_HEADERS, restval="")
+        w = csv.DictWriter(buf, fieldnames=CSV_HEADERS, restval="", lineterminator="\n")   # as report's CSV
         w.writeheader()
-        w.writerows(csv_rows(idx))
+        # Text fields come from the stores and their folder names, which anyone may have written.
+        w.writerows({k: printable(v) if isinstance(v, str) else v for k, v in rec.items()} for rec in csv_rows(idx))
         return buf.getvalue()
     rows = []
     for r in idx["runs"]:
@@ -258,11 +267,14 @@ def index_table(idx: dict, fmt: str = "table") -> str:
                          *_headline(d), _lowest(d)])
     headers = ["folder", "suite", "seed", "started", "status", "classifier", "defense", "attacks",
                "worst-case robust %", "± repeats", "95% CI images", "lowest single attack %"]
-    out = f"runs under {idx['parent']}:\n" + tabulate(rows, headers=headers, tablefmt="simple", disable_numparse=True)
+    rows = [[printable(c) for c in row] for row in rows]
+    out = printable(f"runs under {idx['parent']}:") + "\n" + tabulate(rows, headers=headers, tablefmt="simple",
+                                                                     disable_numparse=True)
     pooled = [[g["label"], ", ".join(map(str, g["seeds"])), f"{c['classifier']}/{c['defense']}",
                f"worst of {c['attacks']}" if "key" not in c else c["attack"], str(c["n"]),
                f"{c['mean']:.2f} ± {c['std']:.2f}", ", ".join(f"{v:.2f}" for v in c["values"])]
               for g in idx["configs"] for c in [*g["worst_case"], *g["cells"]]]
+    pooled = [[printable(c) for c in row] for row in pooled]
     if pooled:
         out += "\n\nacross seeds (mean ± sample std, ddof=1; same configuration only):\n" + tabulate(
             pooled, headers=["suite", "seeds", "classifier/defense", "attack", "n seeds", "robust %", "per seed"],

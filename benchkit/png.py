@@ -13,6 +13,10 @@ import numpy as np
 SIGNATURE = b"\x89PNG\r\n\x1a\n"
 CHANNELS = {0: 1, 4: 2, 2: 3, 6: 4}           # PNG colour type -> channels
 COLOR_TYPE = {c: t for t, c in CHANNELS.items()}
+# What decode accepts: 8192x8192 (256 MiB as RGBA), at most 16384 on a side; a larger file is
+# refused from its IHDR before anything is decompressed.
+MAX_PIXELS, MAX_SIDE = 8192 * 8192, 16384
+MAX_CHUNK = 2**31 - 1   # the PNG spec's limit on a chunk's length
 
 
 class PNGError(ValueError):
@@ -42,37 +46,82 @@ def _paeth(a: int, b: int, c: int) -> int:
     return a if pa <= pb and pa <= pc else (b if pb <= pc else c)
 
 
-def decode(data: bytes) -> np.ndarray:
-    """PNG bytes -> uint8 [H, W, C]. Raises PNGError for anything unsupported or corrupt."""
+def _name(kind: bytes) -> str:
+    # A chunk type is four ASCII letters; anything else is shown escaped, never raw.
+    return kind.decode("ascii") if len(kind) == 4 and kind.isalpha() else repr(kind)
+
+
+def _chunks(data: bytes):
+    """(type, body, stored CRC) of each chunk up to and including IEND; the caller checks the CRC."""
+    pos = len(SIGNATURE)
+    while True:
+        if pos == len(data):
+            raise PNGError("truncated PNG: no IEND chunk")
+        if pos + 8 > len(data):
+            raise PNGError("corrupt PNG: truncated file (a chunk header is cut short)")
+        (length,) = struct.unpack(">I", data[pos:pos + 4])
+        kind = data[pos + 4:pos + 8]
+        if length > MAX_CHUNK:
+            raise PNGError(f"corrupt PNG: {_name(kind)} chunk length {length} is over 2^31-1")
+        body, crc = data[pos + 8:pos + 8 + length], data[pos + 8 + length:pos + 12 + length]
+        if len(crc) != 4:
+            raise PNGError(f"corrupt PNG: truncated file (the {_name(kind)} chunk is cut short)")
+        yield kind, body, struct.unpack(">I", crc)[0]
+        if kind == b"IEND":
+            return          # whatever follows IEND is not part of the image
+        pos += 12 + length
+
+
+def _header(kind: bytes, body: bytes, max_pixels: int, max_side: int) -> tuple[int, int, int]:
+    """(width, height, channels) from the first chunk, refused when unsupported or too large."""
+    if kind != b"IHDR":
+        raise PNGError(f"corrupt PNG: the first chunk is {_name(kind)}, not IHDR")
+    if len(body) != 13:
+        raise PNGError(f"corrupt PNG: IHDR chunk of {len(body)} bytes, not 13")
+    w, h, depth, color, compression, filtering, interlace = struct.unpack(">IIBBBBB", body)
+    if depth != 8 or color not in CHANNELS or interlace or compression or filtering:
+        raise PNGError(f"unsupported PNG (bit depth {depth}, colour type {color}, interlace {interlace}); "
+                       "only 8-bit grey / grey+alpha / RGB / RGBA, non-interlaced")
+    if w == 0 or h == 0:
+        raise PNGError(f"corrupt PNG: IHDR declares {w}x{h} pixels")
+    if w > max_side or h > max_side or w * h > max_pixels:
+        raise PNGError(f"not decoded: {w}x{h} pixels is over the limit of {max_pixels} pixels "
+                       f"and {max_side} per side; resize it first")
+    return w, h, CHANNELS[color]
+
+
+def decode(data: bytes, *, max_pixels: int = MAX_PIXELS, max_side: int = MAX_SIDE) -> np.ndarray:
+    """PNG bytes -> uint8 [H, W, C]. Raises PNGError for anything unsupported, corrupt or too large.
+
+    A hostile file cannot make this allocate more than its IHDR's (capped) size: the pixel count
+    is checked before anything is decompressed, and decompression stops one byte past what the
+    IHDR declares (a zip bomb or a lying IHDR is then an error, not gigabytes)."""
     if not data.startswith(SIGNATURE):
         raise PNGError("not a PNG file")
-    pos, header, idat = len(SIGNATURE), None, []
+    header, idat = None, []
+    for kind, body, crc in _chunks(data):
+        if header is None:   # the IHDR's verdict first: an unsupported or oversized image says so
+            header = _header(kind, body, max_pixels, max_side)
+        elif kind == b"IHDR":
+            raise PNGError("corrupt PNG: a second IHDR chunk")
+        if zlib.crc32(kind + body) != crc:
+            raise PNGError(f"corrupt PNG: bad CRC in {_name(kind)} chunk")
+        if kind == b"IDAT":
+            idat.append(body)
+    w, h, c = header
+    if not idat:
+        raise PNGError("corrupt PNG: no IDAT chunk")
+    expected = h * (w * c + 1)
+    inflate = zlib.decompressobj()
     try:
-        while pos < len(data):
-            (length,) = struct.unpack(">I", data[pos:pos + 4])
-            kind, body = data[pos + 4:pos + 8], data[pos + 8:pos + 8 + length]
-            if len(body) != length:
-                raise PNGError("truncated file")
-            pos += 12 + length
-            if kind == b"IHDR":
-                header = struct.unpack(">IIBBBBB", body)
-            elif kind == b"IDAT":
-                idat.append(body)
-            elif kind == b"IEND":
-                break
-        if header is None:
-            raise PNGError("no IHDR chunk")
-        w, h, depth, color, _, _, interlace = header
-        if depth != 8 or color not in CHANNELS or interlace:
-            raise PNGError(f"unsupported PNG (bit depth {depth}, colour type {color}, interlace {interlace}); "
-                           "only 8-bit grey / grey+alpha / RGB / RGBA, non-interlaced")
-        raw = zlib.decompress(b"".join(idat))
-    except (struct.error, zlib.error) as exc:
+        raw = inflate.decompress(b"".join(idat), expected + 1)
+    except zlib.error as exc:
         raise PNGError(f"corrupt PNG: {exc}") from None
-    c = CHANNELS[color]
-    stride = w * c
-    if len(raw) != h * (stride + 1):
+    if len(raw) > expected:
+        raise PNGError(f"corrupt PNG: more image data than the IHDR's {w}x{h} pixels")
+    if len(raw) < expected or not inflate.eof:
         raise PNGError("corrupt PNG: wrong amount of image data")
+    stride = w * c
     rows = np.frombuffer(raw, np.uint8).reshape(h, stride + 1)
     out = np.zeros((h, stride), np.uint8)
     prev = np.zeros(stride, np.uint8)

@@ -18,6 +18,11 @@ KINDS = {
 }
 
 
+# Errors of a number's bounds: given a boolean, they mean the boolean was read as a number.
+_NUMBER_BOUNDS = {"greater_than", "greater_than_equal", "less_than", "less_than_equal", "multiple_of",
+                  "finite_number"}
+
+
 class NoParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -53,8 +58,17 @@ class Entry:
                 if err["type"] == "extra_forbidden":
                     allowed = ", ".join(self.params.model_fields) or "none"
                     msg = f"unknown parameter for {self.kind[:-1]} '{self.id}' (allowed: {allowed})"
+                elif isinstance(err.get("input"), bool) and err["type"] in _NUMBER_BOUNDS:
+                    # lax pydantic read the boolean as 0 or 1 and then found it out of bounds
+                    msg = f"expected a number, got a boolean ({str(err['input']).lower()})"
                 lines.append(f"{key}: {msg}")
             raise BadInput(lines) from None
+        except BadInput:
+            raise
+        except Exception as exc:  # noqa: BLE001 - e.g. an OverflowError a model's validator lets out: one line
+            first = (str(exc).splitlines() or [""])[0]
+            raise BadInput(f"{where}.params: {self.kind[:-1]} '{self.id}' could not check its params: "
+                           f"{type(exc).__name__}: {first}") from None
 
     def declared_modes(self, params: BaseModel) -> tuple[str, ...] | None:
         """The gradient modes this defense declared at registration for `params` (None: undeclared);

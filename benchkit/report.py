@@ -19,6 +19,7 @@ from tabulate import tabulate
 from benchkit import checks, metrics, plots
 from benchkit.checks import gradient_note
 from benchkit.store import Store
+from benchkit.text import printable   # also report.printable: what every terminal line and CSV field goes through
 
 TEMPLATES = Path(__file__).resolve().parent.parent / "templates"
 
@@ -90,8 +91,8 @@ def check_advice(data: dict) -> list[str]:
     for r in [*data["rows"], *data.get("split", [])]:
         for c in r["checks"]:
             if c["status"] == "fail":
-                lines.append(f"cell {r['key']}: {c['name']} failed: {c['reason'].rstrip('.')}. "
-                             f"What to do: {checks.advice(c['name'], c['reason'])}.")
+                lines.append(printable(f"cell {r['key']}: {c['name']} failed: {c['reason'].rstrip('.')}. "
+                                       f"What to do: {checks.advice(c['name'], c['reason'])}."))
     return lines
 
 
@@ -315,12 +316,14 @@ def table(data: dict, fmt: str = "table") -> str:
         body.append([*reference_name(ref), "", "", published(ref, "standard"), "", published(ref, "robust"), "", "", "",
                      "", "", "", ref["source"]])
     colalign = ["right" if h in _NUMERIC else "left" for h in TABLE_HEADERS]
+    # Every cell may hold text from the suite or the store (a file someone else may have written).
+    body = [[printable(c) if isinstance(c, str) else c for c in row] for row in body]
     text = tabulate(body, headers=TABLE_HEADERS, tablefmt="simple", disable_numparse=True, colalign=colalign)
     repeats = (data.get("suite") or {}).get("eval", {}).get("repeats")
     legend = (f"Accuracy in %. ±: std over {repeats or 'the'} evaluation repeats (stochastic defenses); "
               "95% CI [lo, hi]: Wilson score interval over the n images.")
     limit = data.get("limit")
-    return "\n".join([*([limit["text"]] if limit else []), text, legend])
+    return "\n".join([*([printable(limit["text"])] if limit else []), text, printable(legend)])
 
 
 CSV_COLUMNS = ["classifier", "defense", "attack", "row", "status", "n", "n_total", "threat", "eps",
@@ -392,7 +395,7 @@ def csv_table(data: dict) -> str:
     w = csv.DictWriter(buf, CSV_COLUMNS, lineterminator="\n")
     w.writeheader()
     for rec in csv_rows(data):
-        w.writerow({k: _num(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else (v or "")
+        w.writerow({k: _num(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else printable(v or "")
                     for k, v in rec.items()})
     return buf.getvalue()
 
@@ -435,5 +438,6 @@ def environment() -> jinja2.Environment:
 
 def render_html(data: dict, path: Path) -> Path:
     page = environment().get_template("leaderboard.html").render(data=data, escape=html.escape)
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(page)
     return path

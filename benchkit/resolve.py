@@ -21,12 +21,15 @@ from benchkit.attack import Attack
 from benchkit.dataset import Dataset
 from benchkit.defended import DefendedModel, Purifier, default_gradient, supported_modes, unknown_modes
 from benchkit.errors import BadInput
-from benchkit.suite import ComponentSpec, DatasetSpec, DefenseSpec, EvalSpec, Suite, load_suite, locate, stable_hash
+from benchkit.suite import (ComponentSpec, DatasetSpec, DefenseSpec, EvalSpec, Suite, SuiteFile, coerced_booleans,
+                            key_suffix, load_suite, locate, nonfinite, parse_suite, read_suite, stable_hash)
 from benchkit.threat import ThreatModel
 
 # The version of the way numbers are made (seeding, verification). It keys every stored cell, so
 # results made under another protocol are recomputed, never silently reused.
-PROTOCOL = 3
+# 4: a cell's config also holds the sha256 of every file its components declare and the versions of
+# the plugins providing them (results made with other weights or other plugin code are not reused).
+PROTOCOL = 4
 
 
 @dataclass(frozen=True)
@@ -60,14 +63,43 @@ class Cell:
         return self.group if self.attack is None else f"{self.group}/{self.attack.id}"
 
     def config(self, suite: Suite) -> dict:
-        """Everything that determines this cell's numbers (its hash keys the stored results)."""
+        """Everything that determines this cell's numbers (its hash keys the stored results): the
+        resolved settings, the sha256 of every file its components declare (`files`: role -> {asset
+        relpath: sha256}, only roles that declare files on disk) and the version of each plugin
+        providing them (`plugins`: plugin name -> its distribution's version)."""
         dump = lambda c: None if c is None else c.model_dump(exclude={"description"})
+        roles = {role: (kind, spec) for role, kind, spec in (
+            ("dataset", "datasets", self.dataset), ("classifier", "classifiers", self.classifier),
+            ("defense", "defenses", self.defense), ("attack", "attacks", self.attack)) if spec is not None}
         return {"protocol": PROTOCOL, "kind": self.kind, "dataset": self.dataset.model_dump(), "seed": suite.seed,
                 "eval": numbers_config(suite.eval), "classifier": dump(self.classifier),
-                "defense": dump(self.defense), "attack": dump(self.attack)}
+                "defense": dump(self.defense), "attack": dump(self.attack),
+                "files": {role: files for role, (kind, spec) in roles.items() if (files := component_files(kind, spec))},
+                "plugins": plugin_versions(roles.values())}
 
     def config_hash(self, suite: Suite) -> str:
         return stable_hash(self.config(suite))
+
+
+def component_files(kind: str, spec: ComponentSpec | DatasetSpec) -> dict[str, str]:
+    """{asset relpath: sha256} of the files a component declares for its params (registry `assets=`)
+    that are on disk; hashed on the driver once per file (benchkit.assets' digest cache)."""
+    from benchkit.assets import declared_digests
+
+    entry = registry.get(kind).get(spec.plugin)
+    if entry.assets is None:
+        return {}
+    return declared_digests(entry.assets(entry.validate(spec.params, f"{kind}: {spec.plugin}")))
+
+
+def plugin_versions(components) -> dict[str, str | None]:
+    """Plugin name -> the version of the distribution providing it, for (kind, spec) components:
+    results computed with other plugin code are then another configuration."""
+    from benchkit.plugins import plugin_info
+
+    versions = {p["name"]: p["version"] for p in plugin_info()}
+    names = {registry.get(kind).get(spec.plugin).plugin for kind, spec in components}
+    return {name: versions.get(name) for name in sorted(names)}
 
 
 def numbers_config(spec: EvalSpec) -> dict:
@@ -248,6 +280,52 @@ def device_problem(name: str | None) -> str | None:
     return None
 
 
+def plugin_params(kind: str, where: str, file: str, plugin: str, params: dict) -> tuple[registry.Entry, BaseModel]:
+    """One suite entry's plugin id and params (`where`: e.g. attacks[1], in `file`). The host checks
+    what the user wrote around the plugin's own model: numbers a float cannot hold are refused first
+    (a model turns '1e400' into inf, and 10**400 overflows when made a float), and a boolean the model
+    read as a number (`t_star: true` as 1.0) after. Only here, on the user's params: the checks
+    rebuild attacks through Entry.validate with budgets of their own. BadInput: every problem."""
+    entry = registry.get(kind).get(plugin, where=f"{file}: {where}.plugin")
+    prefix = f"{file}: {where}.params"
+    flagged = [prefix + key_suffix(loc) for loc in nonfinite(params)]
+    problems = [f"{key}: must be a finite number" for key in flagged]
+    try:
+        model = entry.validate(params, f"{file}: {where}")
+    except BadInput as exc:
+        # What the model says of a flagged value (or of its overflow) adds nothing to the line above.
+        said = tuple(f"{key}{c}" for key in flagged for c in ":.[") + ((f"{prefix}:",) if flagged else ())
+        raise BadInput(problems + [p for p in exc.problems if not p.startswith(said)]) from None
+    problems += [f"{prefix}{key_suffix(loc)}: expected a number, got a boolean ({str(value).lower()})"
+                 for loc, value in coerced_booleans(params, model)]
+    if problems:
+        raise BadInput(problems)
+    return entry, model
+
+
+def _entry_problems(file: SuiteFile) -> list[str]:
+    """Plugin ids and params of every entry of a suite whose schema failed, where the entry is
+    well-formed enough (a mapping with a string plugin and mapping params), so that one
+    `validate` reports the schema's problems and the plugins' together."""
+    entries = [("datasets", ("dataset",), file.data.get("dataset"))]
+    for kind in ("classifiers", "defenses", "attacks"):
+        items = file.data.get(kind)
+        entries += [(kind, (kind, i), item) for i, item in enumerate(items)] if isinstance(items, list) else []
+    problems = []
+    for kind, loc, item in entries:
+        if not isinstance(item, dict) or not isinstance(item.get("plugin"), str):
+            continue
+        params = item.get("params", {})
+        if not isinstance(params, dict):
+            continue
+        where = f"{loc[0]}[{loc[1]}]" if len(loc) > 1 else loc[0]
+        try:
+            plugin_params(kind, where, file.source(loc), item["plugin"], params)
+        except BadInput as exc:
+            problems += exc.problems
+    return problems
+
+
 def resolve(suite: Suite, path: str | Path) -> ResolvedSuite:
     """Every plugin id, params model, budget mapping and cross-reference checked; BadInput with
     every problem at once."""
@@ -256,31 +334,31 @@ def resolve(suite: Suite, path: str | Path) -> ResolvedSuite:
     path = Path(path)
     problems: list[str] = []
 
-    def component(kind: str, where: str, spec) -> Component | None:
+    def component(kind: str, where: str, spec, loc: tuple) -> Component | None:
         try:
-            entry = registry.get(kind).get(spec.plugin, where=f"{path}: {where}.plugin")
-            return Component(kind, where, spec, entry, entry.validate(spec.params, f"{path}: {where}"))
+            entry, params = plugin_params(kind, where, suite.source(loc, path), spec.plugin, spec.params)
+            return Component(kind, where, spec, entry, params)
         except BadInput as exc:
             problems.extend(exc.problems)
         return None
 
     if (why := device_problem(suite.eval.device)) is not None:
         problems.append(f"{path}: eval.device: {why}")
-    dataset = component("datasets", "dataset", suite.dataset)
+    dataset = component("datasets", "dataset", suite.dataset, ("dataset",))
     split = None
     if suite.eval.clean_on == "split" and dataset is not None:
         if "n" not in dataset.entry.params.model_fields:
             problems.append(f"{path}: eval.clean_on: 'split' needs a dataset plugin with an 'n' param "
                             f"(unset for the whole split); '{suite.dataset.plugin}' has none")
         else:
-            split = component("datasets", "dataset (eval.clean_on: split)", suite.dataset.whole_split())
-    comps = {kind: {c.id: component(kind, f"{kind}[{i}]", c) for i, c in enumerate(getattr(suite, kind))}
+            split = component("datasets", "dataset (eval.clean_on: split)", suite.dataset.whole_split(), ("dataset",))
+    comps = {kind: {c.id: component(kind, f"{kind}[{i}]", c, (kind, i)) for i, c in enumerate(getattr(suite, kind))}
              for kind in ("classifiers", "defenses", "attacks")}
     threats, objects = {}, {}
-    for attack_id, comp in comps["attacks"].items():
+    for i, (attack_id, comp) in enumerate(comps["attacks"].items()):
         if comp is None:
             continue
-        where = f"{path}: {comp.where}"
+        where = f"{suite.source(('attacks', i), path)}: {comp.where}"
         try:
             threats[attack_id] = comp.entry.threat(comp.params)
             objects[attack_id] = attack = comp.build()
@@ -339,9 +417,19 @@ def resolve(suite: Suite, path: str | Path) -> ResolvedSuite:
 
 
 def load(path: str | Path, *, seed: int | None = None) -> ResolvedSuite:
-    """Load, validate and resolve a suite file (optionally under another seed)."""
-    path = locate(path)   # a shipped suite may be named by its name
-    suite = load_suite(path)
+    """Load, validate and resolve a suite file (optionally under another seed). BadInput with every
+    problem at once: the file's, the schema's and the plugins' (of each entry well-formed enough,
+    when the schema fails)."""
+    file = read_suite(path)   # a shipped suite may be named by its name
+    suite, problems = parse_suite(file)
+    if suite is None:
+        raise BadInput(list(dict.fromkeys([*problems, *_entry_problems(file)])))
     if seed is not None:
         suite = suite.model_copy(update={"seed": seed})
-    return resolve(suite, path)
+    try:
+        resolved = resolve(suite, file.path)
+    except BadInput as exc:
+        problems += exc.problems
+    if problems:
+        raise BadInput(list(dict.fromkeys(problems)))
+    return resolved

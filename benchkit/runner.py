@@ -11,12 +11,14 @@ Policy, in one place:
 from __future__ import annotations
 
 import json
+import sys
 from dataclasses import dataclass, field
 from typing import Callable, Protocol
 
 from benchkit import checks, metrics
 from benchkit.evaluate import CellFailure, ShardResult, evaluate_shard, one_line
 from benchkit.progress import CellWork, Progress
+from benchkit.provenance import config_changes
 from benchkit.resolve import Cell, Components, ResolvedSuite
 from benchkit.store import Store
 from benchkit.suite import stable_hash
@@ -85,13 +87,27 @@ def plan(resolved: ResolvedSuite, sizes: dict[str, int], store: Store, limit: in
     for cell in resolved.cells:
         n = sizes[cell.key] if limit is None else min(limit, sizes[cell.key])
         variants = [v for v, _ in resolved.attack_objects[cell.attack.id].variants()] if cell.attack else [""]
-        cell_id = store.ensure_cell(cell.key, cell.config_hash(suite), cell.kind, cell.classifier.id, cell.defense.id,
-                                    cell.attack.id if cell.attack else "", cell.config(suite), variants, n,
+        config = cell.config(suite)   # hashes the cell's files: once, not twice
+        cell_id = store.ensure_cell(cell.key, stable_hash(config), cell.kind, cell.classifier.id, cell.defense.id,
+                                    cell.attack.id if cell.attack else "", config, variants, n,
                                     suite.eval.repeats)
         done = store.stored_images(cell_id)
+        if not done and (why := changed_since(store, cell.key, cell_id, config)):
+            print(f"benchkit: {cell.key}: {why}; recomputing", file=sys.stderr)
         shards = chunks([i for i in range(n) if i not in done], size)
         plans.append(Plan(cell, cell_id, n, shards, left=len(shards)))
     return plans
+
+
+def changed_since(store: Store, key: str, cell_id: int, config: dict) -> str | None:
+    """What changed (provenance.config_changes) since the latest stored results of this cell key whose
+    configuration differs from `config` only in file digests or plugin versions; None when there are
+    none. Those results stay in the store under their own configuration."""
+    rows = store.db.execute("SELECT id, config_json FROM cells WHERE key=? AND id<>? ORDER BY id DESC", (key, cell_id))
+    for row in rows.fetchall():
+        if store.stored_images(row["id"]) and (why := config_changes(json.loads(row["config_json"]), config)):
+            return why
+    return None
 
 
 def stored_inputs(store: Store, cell_id: int) -> tuple[tuple, tuple]:

@@ -5,11 +5,16 @@ and a rerun skips what is committed. Schema changes are named migrations applied
 """
 from __future__ import annotations
 
+import functools
 import json
+import shutil
 import sqlite3
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, Iterable
+
+from benchkit.errors import BadInput
 
 MIGRATIONS: list[tuple[str, str]] = [
     ("0001_initial", """
@@ -107,52 +112,171 @@ MIGRATIONS: list[tuple[str, str]] = [
 ]
 
 
+# What identifies a benchkit store: a `migrations (name, applied)` table whose names are this
+# list's (all of them, or some of them for a store written by an older benchkit), and exactly the
+# tables and columns those migrations make. A file with no tables at all is a new store.
+JSON_COLUMNS = [("runs", "suite_json"), ("runs", "provenance_json"), ("cells", "config_json"),
+                ("cells", "variants_json"), ("shards", "stats_json"), ("checks", "numbers_json")]
+AWAY = "move it away, or use --fresh or another --out"
+DAMAGED = f"{AWAY} (sqlite3's .recover may save its rows)"
+
+
+def _tables(db: sqlite3.Connection) -> dict[str, tuple[str, ...]]:
+    names = [r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='table' AND name NOT LIKE 'sqlite%'")]
+    return {t: tuple(r[1] for r in db.execute(f'PRAGMA table_info("{t}")')) for t in names}
+
+
+def _create_migrations_table(db: sqlite3.Connection) -> None:
+    db.execute("CREATE TABLE IF NOT EXISTS migrations (name TEXT PRIMARY KEY, applied REAL NOT NULL)")
+
+
+def _apply(db: sqlite3.Connection, name: str, sql: str) -> None:
+    """One migration and its record, in one transaction."""
+    with _Tx(db):
+        if sql.startswith("python:"):
+            globals()[sql.removeprefix("python:")](db)
+        else:
+            for stmt in filter(str.strip, sql.split(";")):
+                db.execute(stmt)
+        db.execute("INSERT INTO migrations VALUES (?, ?)", (name, time.time()))
+
+
+@functools.lru_cache(maxsize=None)
+def _schema_after(names: frozenset[str]) -> dict[str, tuple[str, ...]]:
+    """The tables and columns a store has after the migrations `names` (built in memory)."""
+    db = sqlite3.connect(":memory:", isolation_level=None)
+    db.row_factory = sqlite3.Row
+    _create_migrations_table(db)
+    for name, sql in MIGRATIONS:
+        if name in names:
+            _apply(db, name, sql)
+    tables = _tables(db)
+    db.close()
+    return tables
+
+
+def _require_file(path: Path) -> None:
+    if path.exists() and not path.is_file():
+        raise BadInput(f"{path}: not a file, so not a benchkit results store; {AWAY}")
+
+
+def _unreadable(label: str, exc: sqlite3.DatabaseError) -> BadInput:
+    if "not a database" in str(exc):
+        return BadInput(f"{label}: not a benchkit results store (file is not a database); {AWAY}")
+    return BadInput(f"{label}: damaged store ({exc}); {DAMAGED}")
+
+
+def _inspect(db: sqlite3.Connection, label: str) -> set[str]:
+    """The migrations applied to the store open as `db`; BadInput (one line each, starting with
+    `label`, the file's path) when it is damaged, is not a benchkit store, was written by a newer
+    benchkit, or holds a row benchkit cannot read back."""
+    try:
+        verdict = [r[0] for r in db.execute("PRAGMA quick_check").fetchall()]
+        tables = _tables(db)
+    except sqlite3.DatabaseError as exc:
+        raise _unreadable(label, exc) from None
+    if verdict != ["ok"]:
+        raise BadInput(f"{label}: damaged store ({verdict[0]}); {DAMAGED}")
+    if not tables:
+        return set()
+    if tables.get("migrations") != ("name", "applied"):
+        raise BadInput(f"{label}: not a benchkit results store (no benchkit migrations table; its tables: "
+                       f"{', '.join(sorted(tables))}); {AWAY}")
+    applied = {r[0] for r in db.execute("SELECT name FROM migrations")}
+    known = [name for name, _ in MIGRATIONS]
+    if unknown := sorted(applied - set(known)):
+        if known[0] in applied:
+            raise BadInput(f"{label}: written by a newer benchkit (migration {unknown[0]} is unknown to this "
+                           "version); upgrade benchkit to read it, or use another --out")
+        raise BadInput(f"{label}: not a benchkit results store (its migrations are not benchkit's: {unknown[0]}); "
+                       f"{AWAY}")
+    expected = _schema_after(frozenset(applied))
+    for table in sorted(set(tables) | set(expected)):
+        got, want = tables.get(table), expected.get(table)
+        if got == want:
+            continue
+        what = (f"table {table} is not benchkit's" if want is None else f"no table {table}" if got is None else
+                f"table {table} has columns {', '.join(got)}; benchkit's are {', '.join(want)}")
+        raise BadInput(f"{label}: not a benchkit results store ({what}); {AWAY}")
+    problems = []
+    for table, column in JSON_COLUMNS:
+        if column not in expected.get(table, ()):
+            continue
+        for rowid, text in db.execute(f"SELECT rowid, {column} FROM {table} ORDER BY rowid"):
+            try:
+                json.loads(text)
+            except (TypeError, ValueError):
+                problems.append(f"{label}: {table} row {rowid}: {column} is not valid JSON; {AWAY}")
+                break   # the first bad row of a column says enough: the store was damaged
+    if problems:
+        raise BadInput(problems)
+    return applied
+
+
 class Store:
+    """The results store of one output folder. `Store(path)` opens it for writing (created if
+    new, migrated if older); `Store.read_only(path)` reads a snapshot and never writes the file.
+    Both refuse, in one line, a file that is not a benchkit store or cannot be read back."""
+
     def __init__(self, path: str | Path):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        _require_file(self.path)
+        if self.path.exists() and self.path.stat().st_size > 0:
+            # Identified read-only first: nothing is written to a file that turns out not to be
+            # a store this benchkit can write (not even a journal rollback, nor a -wal beside it).
+            try:
+                probe = _read_only(self.path)
+            except sqlite3.DatabaseError as exc:
+                raise _unreadable(str(self.path), exc) from None
+            try:
+                _inspect(probe, str(self.path))
+            finally:
+                probe.close()
         self.db = sqlite3.connect(str(self.path), isolation_level=None)
         self.db.row_factory = sqlite3.Row
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA foreign_keys=ON")
         self._migrate()
 
+    @classmethod
+    def read_only(cls, path: str | Path) -> "Store":
+        """The store at `path` copied into memory (and migrated there if an older benchkit wrote
+        it): the file is never written, nothing is left beside it, a read-only folder works."""
+        self = cls.__new__(cls)
+        self.path = Path(path)
+        _require_file(self.path)
+        self.db = sqlite3.connect(":memory:", isolation_level=None)
+        self.db.row_factory = sqlite3.Row
+        try:
+            try:
+                _snapshot(self.path, self.db)
+            except sqlite3.DatabaseError as exc:
+                raise _unreadable(str(self.path), exc) from None
+            _inspect(self.db, str(self.path))
+        except BadInput:
+            self.db.close()
+            raise
+        self._migrate()
+        return self
+
     def _migrate(self) -> None:
-        self.db.execute("CREATE TABLE IF NOT EXISTS migrations (name TEXT PRIMARY KEY, applied REAL NOT NULL)")
+        _create_migrations_table(self.db)
         done = {r[0] for r in self.db.execute("SELECT name FROM migrations")}
         for name, sql in MIGRATIONS:
-            if name in done:
-                continue
-            with self.transaction():
-                if sql.startswith("python:"):
-                    getattr(self, sql.removeprefix("python:"))()
-                else:
-                    for stmt in filter(str.strip, sql.split(";")):
-                        self.db.execute(stmt)
-                self.db.execute("INSERT INTO migrations VALUES (?, ?)", (name, time.time()))
+            if name not in done:
+                _apply(self.db, name, sql)
 
-    def _move_split_groups(self) -> None:
-        """Split groups become clean cells (same numbers, new ids); old runs' provenance follows."""
-        moved: dict[int, int] = {}
-        for g in self.db.execute("SELECT * FROM split_groups").fetchall():
-            cur = self.db.execute(
-                "INSERT INTO cells (key, config_hash, classifier, defense, attack, config_json, variants_json,"
-                " n_images, n_shards, repeats, kind) VALUES (?,?,?,?,'',?,'[\"\"]',?,?,?,'clean')",
-                (g["key"], g["config_hash"], g["classifier"], g["defense"], g["config_json"], g["n_images"],
-                 g["n_shards"], g["repeats"]))
-            moved[g["id"]] = int(cur.lastrowid)
-            self.db.execute("INSERT INTO examples SELECT ?, image_index, '', label, flags, NULL, NULL "
-                            "FROM split_examples WHERE group_id=?", (cur.lastrowid, g["id"]))
-            self.db.execute("INSERT INTO shards SELECT ?, shard, run_id, 0, n, seconds, '{}', committed "
-                            "FROM split_shards WHERE group_id=?", (cur.lastrowid, g["id"]))
-        for run in self.db.execute("SELECT id, provenance_json FROM runs").fetchall():
-            prov = json.loads(run["provenance_json"])
-            split = prov.pop("split_ids", {})
-            if split:
-                prov.setdefault("cell_ids", {}).update({k: moved[g] for k, g in split.items() if g in moved})
-                self.db.execute("UPDATE runs SET provenance_json=? WHERE id=?", (json.dumps(prov), run["id"]))
-        for table in ("split_examples", "split_shards", "split_groups"):
-            self.db.execute(f"DROP TABLE {table}")
+    def interrupt_stale_runs(self) -> list[int]:
+        """Mark every run still `running` as `interrupted`, finished at its last commit. Only the
+        holder of the folder's lock may call this: the processes of those runs are gone. Their ids."""
+        ids = [r[0] for r in self.db.execute("SELECT id FROM runs WHERE status='running' ORDER BY id")]
+        if ids:
+            with self.transaction():
+                self.db.execute(
+                    "UPDATE runs SET status='interrupted', finished=COALESCE("
+                    "(SELECT MAX(committed) FROM shards WHERE shards.run_id=runs.id), started) WHERE status='running'")
+        return ids
 
     def transaction(self):
         return _Tx(self.db)
@@ -258,6 +382,68 @@ class Store:
         return self.db.execute("SELECT * FROM runs WHERE id=?", (run_id,)).fetchone()
 
 
+def _move_split_groups(db: sqlite3.Connection) -> None:
+    """Split groups become clean cells (same numbers, new ids); old runs' provenance follows."""
+    moved: dict[int, int] = {}
+    for g in db.execute("SELECT * FROM split_groups").fetchall():
+        cur = db.execute(
+            "INSERT INTO cells (key, config_hash, classifier, defense, attack, config_json, variants_json,"
+            " n_images, n_shards, repeats, kind) VALUES (?,?,?,?,'',?,'[\"\"]',?,?,?,'clean')",
+            (g["key"], g["config_hash"], g["classifier"], g["defense"], g["config_json"], g["n_images"],
+             g["n_shards"], g["repeats"]))
+        moved[g["id"]] = int(cur.lastrowid)
+        db.execute("INSERT INTO examples SELECT ?, image_index, '', label, flags, NULL, NULL "
+                   "FROM split_examples WHERE group_id=?", (cur.lastrowid, g["id"]))
+        db.execute("INSERT INTO shards SELECT ?, shard, run_id, 0, n, seconds, '{}', committed "
+                   "FROM split_shards WHERE group_id=?", (cur.lastrowid, g["id"]))
+    for run in db.execute("SELECT id, provenance_json FROM runs").fetchall():
+        prov = json.loads(run["provenance_json"])
+        split = prov.pop("split_ids", {})
+        if split:
+            prov.setdefault("cell_ids", {}).update({k: moved[g] for k, g in split.items() if g in moved})
+            db.execute("UPDATE runs SET provenance_json=? WHERE id=?", (json.dumps(prov), run["id"]))
+    for table in ("split_examples", "split_shards", "split_groups"):
+        db.execute(f"DROP TABLE {table}")
+
+
+def _read_only(path: Path) -> sqlite3.Connection:
+    """A read-only connection to the store at `path`: immutable when no -wal file is beside it
+    (see _snapshot), so SQLite creates no -wal or -shm either."""
+    immutable = "" if Path(f"{path}-wal").exists() else "&immutable=1"
+    db = sqlite3.connect(f"{path.absolute().as_uri()}?mode=ro{immutable}", uri=True)
+    db.execute("SELECT 1 FROM sqlite_master LIMIT 1")   # open errors surface here, not later
+    return db
+
+
+def _snapshot(path: Path, into: sqlite3.Connection) -> None:
+    """Copy the database at `path` into the connection `into`, writing nothing beside it.
+    No -wal file: no run has the store open (a run's connection keeps one) and everything is in
+    the main file, read as immutable. A -wal with its -shm: a run may be writing; read through
+    SQLite's shared-memory locking, read-only. A -wal alone (a killed run's folder, copied), or a
+    store SQLite cannot open read-only in place: read a private copy of the files."""
+    wal, shm = Path(f"{path}-wal"), Path(f"{path}-shm")
+    if not wal.exists() or shm.exists():
+        try:
+            src = _read_only(path)
+            try:
+                src.backup(into)
+                return
+            finally:
+                src.close()
+        except sqlite3.OperationalError:
+            if not wal.exists():
+                raise
+    with tempfile.TemporaryDirectory(prefix="benchkit-store-") as tmp:
+        copy = Path(tmp) / "results.sqlite"
+        shutil.copyfile(path, copy)
+        shutil.copyfile(wal, f"{copy}-wal")
+        src = sqlite3.connect(str(copy))
+        try:
+            src.backup(into)
+        finally:
+            src.close()
+
+
 class _Tx:
     def __init__(self, db: sqlite3.Connection):
         self.db = db
@@ -267,5 +453,8 @@ class _Tx:
         return self.db
 
     def __exit__(self, exc_type, exc, tb):
-        self.db.execute("ROLLBACK" if exc_type else "COMMIT")
+        if not exc_type:
+            self.db.execute("COMMIT")
+        elif self.db.in_transaction:   # SQLite has already rolled back after some errors (a full disk)
+            self.db.execute("ROLLBACK")
         return False

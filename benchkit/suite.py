@@ -3,20 +3,31 @@
 `include:` pulls other YAML files in first (paths relative to the including file); the including
 file's keys are deep-merged over them (mappings merge key by key, anything else replaces).
 Unknown keys are errors; each plugin's params are validated by the plugin's own pydantic model.
-Every problem is reported as one line `FILE: key.path: message`, all at once.
+Every problem is reported as one line `FILE: key.path: message`, all at once, FILE being the file
+that set the key (an included one for the keys it set). Reading the YAML itself, with its limits
+(size, encoding, nesting, alias expansion, duplicate keys), is benchkit.suite_yaml's.
 """
 from __future__ import annotations
 
 import difflib
 import hashlib
 import json
+import math
+import numbers
+import re
+import sys
+import unicodedata
+from fractions import Fraction
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr, ValidationError,
+                      field_validator, model_validator)
+from pydantic_core import PydanticCustomError
 
+from benchkit import suite_yaml
 from benchkit.errors import BadInput
+from benchkit.suite_yaml import SuiteFile, deep_merge  # noqa: F401 - deep_merge is part of this module's API
 
 GRADIENTS = Literal["exact", "adjoint", "bpda", "none"]
 
@@ -34,15 +45,54 @@ class DatasetSpec(_Strict):
         return self.model_copy(update={"params": {**self.params, "n": None}})
 
 
+def has_control(value: str) -> bool:
+    """Whether `value` holds a character a terminal or a line-based reader obeys rather than shows:
+    C0 and C1 controls and DEL (Cc; U+009B alone is a CSI), format controls such as zero-width and
+    bidirectional overrides and isolates (Cf), and the line and paragraph separators (Zl, Zp)."""
+    return any(unicodedata.category(c) in ("Cc", "Cf", "Zl", "Zp") for c in value)
+
+
 def check_id(value: str) -> str:
     """Ids name cells ('classifier/defense/attack') and reach terminals and CSV files."""
     if not value:
         raise ValueError("an id cannot be empty")
+    if has_control(value):
+        raise ValueError(f"control characters are not allowed in ids ({value!r})")
     if "/" in value:
         raise ValueError(f"'/' is not allowed in ids ('{value}'): cell keys join ids with '/'")
-    if any(ord(c) < 32 or ord(c) == 127 for c in value):
-        raise ValueError(f"control characters are not allowed in ids ({value!r})")
     return value
+
+
+NAME = re.compile(r"[^\W][\w.-]{0,99}")   # \w: letters, digits and '_', in any script
+
+
+def check_name(value: str) -> str:
+    """A suite's name is the default output folder (runs/<suite>) that --fresh empties: a name,
+    never a path."""
+    if not NAME.fullmatch(value) or has_control(value):
+        shown = value if len(value) <= 60 else value[:57] + "..."
+        raise ValueError(f"{shown!r} is not a name (up to 100 letters, digits, '.', '_', '-', not starting with "
+                         "'.' or '-'); the output folder is --out")
+    return value
+
+
+def _not_bool(value: Any) -> Any:
+    # bool is an int: lax pydantic reads `seed: true` as 1 and `standard: false` as 0.0
+    if isinstance(value, bool):
+        raise PydanticCustomError("bool", "expected a number, got a boolean ({shown})", {"shown": str(value).lower()})
+    return value
+
+
+def _finite(value: int | float) -> int | float:
+    beyond = abs(value) > sys.float_info.max if isinstance(value, int) else not math.isfinite(value)
+    if beyond:
+        raise PydanticCustomError("finite", "must be a finite number")
+    return value
+
+
+# The schema's numbers: a boolean is not one, and neither are inf, nan or an integer beyond floats.
+Int = Annotated[int, BeforeValidator(_not_bool), AfterValidator(_finite)]
+Float = Annotated[float, BeforeValidator(_not_bool), AfterValidator(_finite)]
 
 
 class ComponentSpec(_Strict):
@@ -73,7 +123,7 @@ class VerdictSpec(_Strict):
     purifications whose logits are averaged (mean-logits, the paper's BPDA protocol) or whose
     predicted labels vote (majority: correct only if the true label has strictly the most votes)."""
     aggregate: Literal["single", "mean-logits", "majority"] = "single"
-    samples: int = Field(1, ge=1, description="purifications per verdict (1 for single)")
+    samples: Int = Field(1, ge=1, description="purifications per verdict (1 for single)")
 
     @model_validator(mode="after")
     def _single_is_one(self) -> "VerdictSpec":
@@ -86,9 +136,9 @@ class VerdictSpec(_Strict):
 
 
 class EvalSpec(_Strict):
-    batch_size: int = Field(64, ge=1)
-    shard_size: int | None = Field(None, ge=1, description="images per committed shard (default batch_size)")
-    repeats: int = Field(3, ge=1, description="independent verdicts on each final example, fresh randomness each")
+    batch_size: Int = Field(64, ge=1)
+    shard_size: Int | None = Field(None, ge=1, description="images per committed shard (default batch_size)")
+    repeats: Int = Field(3, ge=1, description="independent verdicts on each final example, fresh randomness each")
     verdict: VerdictSpec = Field(default_factory=VerdictSpec,
                                  description="how each of the `repeats` verdicts aggregates purifications")
     device: str | None = None
@@ -106,10 +156,10 @@ class ReferenceSpec(_Strict):
     defense: str | None = None
     attack: str | None = None
     label: str | None = Field(None, description="display name of a reference that matches no cell")
-    standard: float | None = Field(None, ge=0, le=100)
-    standard_std: float | None = Field(None, ge=0, le=100)
-    robust: float | None = Field(None, ge=0, le=100)
-    robust_std: float | None = Field(None, ge=0, le=100)
+    standard: Float | None = Field(None, ge=0, le=100)
+    standard_std: Float | None = Field(None, ge=0, le=100)
+    robust: Float | None = Field(None, ge=0, le=100)
+    robust_std: Float | None = Field(None, ge=0, le=100)
     source: str = Field(min_length=1, description="publication, table and row, e.g. \"Nie et al. 2022, Table 1, "
                                                   "row 'WideResNet-28-10 / (Gowal et al., 2020)'\"")
 
@@ -130,7 +180,7 @@ class ReferenceSpec(_Strict):
 
 class ChecksSpec(_Strict):
     enabled: list[str] | Literal["all"] = "all"
-    subset: int = Field(16, ge=1, description="images used by the costlier checks")
+    subset: Int = Field(16, ge=1, description="images used by the costlier checks")
 
 
 class SweepSpec(_Strict):
@@ -139,7 +189,7 @@ class SweepSpec(_Strict):
     over: Literal["defenses", "attacks"]
     param: str
     label: str | None = Field(None, description="axis label (default: the param's name)")
-    points: dict[str, float] = Field(default_factory=dict,
+    points: dict[str, Float] = Field(default_factory=dict,
                                      description="other components of `over` placed on the axis, by id "
                                                  "(e.g. the undefended model at t* = 0)")
 
@@ -148,7 +198,7 @@ class Suite(_Strict):
     suite: str
     description: str = ""
     include: list[str] = Field(default_factory=list)
-    seed: int = 0
+    seed: Int = 0
     dataset: DatasetSpec
     classifiers: list[ComponentSpec]
     defenses: list[DefenseSpec]
@@ -159,6 +209,20 @@ class Suite(_Strict):
     checks: ChecksSpec = Field(default_factory=ChecksSpec)
     sweeps: list[SweepSpec] | None = None
     references: list[ReferenceSpec] = Field(default_factory=list)
+
+    # Key path -> the file of an include chain that set it (benchkit.suite_yaml.SuiteFile.origins).
+    _sources: dict[tuple, str] = PrivateAttr(default_factory=dict)
+    _shown: str | None = PrivateAttr(None)
+
+    @field_validator("suite")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        return check_name(v)
+
+    def source(self, loc: tuple | list, default: str | Path) -> str:
+        """The file that set the value at `loc` (an included file, or `default`: the suite's own)."""
+        found = suite_yaml.origin(self._sources, loc, str(default))
+        return str(default) if found == self._shown else found
 
     @field_validator("classifiers", "defenses", "attacks")
     @classmethod
@@ -180,49 +244,80 @@ class Suite(_Strict):
         return next(c for c in getattr(self, kind) if c.id == id)
 
 
+# ---------------------------------------------------------------- plugin params, as the user wrote them
+
+def key_suffix(loc: tuple | list) -> str:
+    """('eps',) -> '.eps', ('steps', 0) -> '.steps[0]': a key path to append to `attacks[1].params`."""
+    return "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc)
+
+
+def _beyond_float(value: Any) -> bool:
+    """A number a float cannot hold (inf, nan, |x| > 1.8e308), also when written as a string that a
+    params model would read as one ('1e400' and 'nan' are strings to YAML, 'inf' to pydantic)."""
+    if isinstance(value, bool):
+        return False
+    if isinstance(value, int):
+        return abs(value) > sys.float_info.max
+    if isinstance(value, float):
+        return not math.isfinite(value)
+    if isinstance(value, str):
+        try:
+            return not math.isfinite(float(value))
+        except ValueError:
+            pass
+        if "/" in value:   # a budget fraction such as '8/255'
+            try:
+                return abs(Fraction(value.replace(" ", ""))) > sys.float_info.max
+            except (ValueError, ZeroDivisionError):
+                return False
+    return False
+
+
+def nonfinite(value: Any, loc: tuple = ()) -> list[tuple]:
+    """Key paths (below `loc`) of the numbers in raw params that a float cannot hold."""
+    if isinstance(value, dict):
+        return [found for k, v in value.items() for found in nonfinite(v, (*loc, k))]
+    if isinstance(value, list):
+        return [found for i, v in enumerate(value) for found in nonfinite(v, (*loc, i))]
+    return [loc] if _beyond_float(value) else []
+
+
+def _child(validated: Any, key: Any) -> tuple[bool, Any]:
+    if isinstance(validated, BaseModel):
+        fields = type(validated).model_fields
+        name = key if key in fields else next((n for n, f in fields.items() if f.alias == key), None)
+        if name is not None:
+            return True, getattr(validated, name)
+        extra = validated.model_extra or {}
+        return (True, extra[key]) if key in extra else (False, None)
+    if isinstance(validated, dict) and key in validated:
+        return True, validated[key]
+    return False, None
+
+
+def coerced_booleans(raw: Any, validated: Any, loc: tuple = ()) -> list[tuple[tuple, bool]]:
+    """(key path, value) of every boolean in `raw` that validation turned into a number: lax
+    pydantic reads `t_star: true` as 1.0. Raw and validated values are walked together, by key
+    and by index, as far as their shapes agree."""
+    if isinstance(raw, bool):
+        return [(loc, raw)] if isinstance(validated, numbers.Number) and not isinstance(validated, bool) else []
+    out = []
+    if isinstance(raw, dict):
+        for k, v in raw.items():
+            found, sub = _child(validated, k)
+            if found:
+                out += coerced_booleans(v, sub, (*loc, k))
+    elif isinstance(raw, list) and isinstance(validated, (list, tuple)) and len(raw) == len(validated):
+        for i, (v, sub) in enumerate(zip(raw, validated)):
+            out += coerced_booleans(v, sub, (*loc, i))
+    return out
+
+
 def stable_hash(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 # ---------------------------------------------------------------- loading
-
-def deep_merge(base: dict, over: dict) -> dict:
-    out = dict(base)
-    for k, v in over.items():
-        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
-
-
-def _read_yaml(path: Path, chain: tuple[Path, ...]) -> dict:
-    where = chain[-1] if chain else None
-    if path in chain:
-        cycle = " -> ".join(str(p) for p in (*chain, path))
-        raise BadInput(f"{where}: include: include cycle {cycle}")
-    if not path.is_file():
-        raise BadInput(f"{where or path}: include: file not found: {path}" if where else f"{path}: file not found")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        pos = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
-        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        raise BadInput(f"{path}: {pos}malformed YAML: {problem}") from None
-    if data is None:
-        data = {}
-    if not isinstance(data, dict):
-        raise BadInput(f"{path}: the top level must be a mapping, not {type(data).__name__}")
-    includes = data.get("include", [])
-    if isinstance(includes, str):
-        includes = [includes]
-    if not isinstance(includes, list):
-        raise BadInput(f"{path}: include: must be a list of paths")
-    merged: dict = {}
-    for inc in includes:
-        merged = deep_merge(merged, _read_yaml((path.parent / str(inc)).resolve(), (*chain, path)))
-    merged = deep_merge(merged, {k: v for k, v in data.items() if k != "include"})
-    merged["include"] = [str(i) for i in includes]
-    return merged
-
 
 def _loc(parts: tuple) -> str:
     out = ""
@@ -250,7 +345,9 @@ def locate(name: str | Path) -> Path:
     return candidate if candidate.is_file() else path
 
 
-def load_raw(path: str | Path) -> dict:
+def read_suite(path: str | Path) -> SuiteFile:
+    """The suite file a user names, read and merged with its includes (benchkit.suite_yaml); BadInput
+    when it cannot be read as a suite at all."""
     path = locate(path)
     if not path.is_file():
         names = [p.stem for p in shipped()]
@@ -258,21 +355,35 @@ def load_raw(path: str | Path) -> dict:
         hint = f"; did you mean the shipped suite '{close[0]}'?" if close else \
             " (name a YAML file, or a shipped suite: see `benchkit ls suites`)"
         raise BadInput(f"{path}: file not found{hint}")
-    return _read_yaml(path.resolve(), ())
+    return suite_yaml.read(path)
+
+
+def load_raw(path: str | Path) -> dict:
+    return read_suite(path).data
+
+
+def parse_suite(file: SuiteFile) -> tuple[Suite | None, list[str]]:
+    """The schema checked: (the suite, or None when it fails; every problem of the file: duplicate
+    keys, then the schema's, each naming the file that set the key)."""
+    problems = list(file.problems)
+    try:
+        suite = Suite.model_validate(file.data)
+    except ValidationError as exc:
+        for err in exc.errors():
+            msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"].removeprefix("Value error, ")
+            problems.append(f"{file.source(err['loc'])}: {_loc(err['loc'])}: {msg}")
+        return None, problems
+    suite._sources = file.origins
+    suite._shown = str(file.path)
+    return suite, problems
 
 
 def load_suite(path: str | Path) -> Suite:
     """Parse, merge includes and validate the schema (plugin ids and params: benchkit.resolve)."""
-    path = locate(path)
-    raw = load_raw(path)
-    try:
-        return Suite.model_validate(raw)
-    except ValidationError as exc:
-        lines = []
-        for err in exc.errors():
-            msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"].removeprefix("Value error, ")
-            lines.append(f"{path}: {_loc(err['loc'])}: {msg}")
-        raise BadInput(lines) from None
+    suite, problems = parse_suite(read_suite(path))
+    if problems:
+        raise BadInput(problems)
+    return suite
 
 
 def resolved_dict(suite: Suite) -> dict:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,10 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+# Tests never read or write the user's BENCHKIT_HOME (checkpoints, the digest cache): a test that
+# needs files there sets its own; the rest share this empty one.
+os.environ["BENCHKIT_HOME"] = tempfile.mkdtemp(prefix="benchkit-tests-home-")
 
 
 def needs_shared(path: Path) -> list:

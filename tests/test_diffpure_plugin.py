@@ -138,7 +138,8 @@ attacks: [{id: aa, plugin: autoattack}]
 """)
     assert main(["run", str(suite), "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err.splitlines()
-    assert err[0] == "benchkit: error: 2 file(s) missing; nothing was run (set BENCHKIT_HOME or the params' path):"
+    assert err[0] == ("benchkit: error: 2 file(s) missing; nothing was run (`benchkit assets SUITE --download` "
+                      "fetches what is published for download; or set BENCHKIT_HOME or the params' path):")
     assert f"[MISSING] {tmp_path}/home/diffpure/score_sde/checkpoint_8.pth  <- score_sde_pytorch" in err[1]
     assert "256x256_diffusion_uncond.pt" in err[2] and "2,211,383,297 bytes" in err[2] and "defenses[1]" in err[2]
     assert not (tmp_path / "o").exists()
@@ -146,4 +147,6 @@ attacks: [{id: aa, plugin: autoattack}]
     write(ckpt, "x")
     assert main(["assets", str(suite)]) == 2
     out = capsys.readouterr().out.splitlines()
-    assert out[0].startswith(f"[ok     ] {ckpt}") and out[1].startswith("[MISSING]")
+    # The shipped digits-cnn weights come first (present), then the two checkpoints.
+    assert "digits_cnn.safetensors" in out[0] and out[0].startswith("[ok     ]")
+    assert out[1].startswith(f"[ok     ] {ckpt}") and out[2].startswith("[MISSING]")

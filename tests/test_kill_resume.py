@@ -49,6 +49,7 @@ def test_sigkill_then_resume(tmp_path):
     assert con.execute("SELECT count(*), count(DISTINCT image_index) FROM examples").fetchone() == (64, 64)
     # the shard log: 8 commits of 8 images each, those of the first run before the ones of the second
     shards = con.execute("SELECT s.n, r.status FROM shards s JOIN runs r ON r.id = s.run_id ORDER BY s.shard").fetchall()
-    assert shards == [(8, "running")] * done_before + [(8, "done")] * (8 - done_before)
+    assert shards == [(8, "interrupted")] * done_before + [(8, "done")] * (8 - done_before)
     runs = con.execute("SELECT status FROM runs ORDER BY id").fetchall()
-    assert [s for (s,) in runs] == ["running", "done"]  # the killed run never finished
+    # the killed run never finished: the rerun, holding the folder's lock, marked it interrupted
+    assert [s for (s,) in runs] == ["interrupted", "done"]

@@ -200,8 +200,8 @@ def test_run_stops_at_once_with_the_missing_file_checklist(tmp_path):
     assert proc.returncode == 2, proc.stderr
     assert "Traceback" not in proc.stderr and proc.stdout == ""
     lines = proc.stderr.strip().splitlines()
-    assert lines[0] == ("benchkit: error: 5 file(s) missing; nothing was run "
-                        "(set BENCHKIT_HOME or the params' path):")
+    assert lines[0] == ("benchkit: error: 5 file(s) missing; nothing was run (`benchkit assets SUITE --download` "
+                        "fetches what is published for download; or set BENCHKIT_HOME or the params' path):")
     home = tmp_path / "home"
     for path in [home / "celebahq" / "images", home / "celebahq" / "list_attr_celeba.txt",
                  home / "celebahq" / "list_eval_partition.txt",

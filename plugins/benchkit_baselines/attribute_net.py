@@ -194,7 +194,10 @@ def attribute_asset(attribute: str) -> Asset:
     return Asset(f"celebahq/classifiers/{attribute}/net_best.pth",
                  f"{ZIP_URL} (Chai et al. 2021, gan-ensembling: 40 CelebA-HQ attribute classifiers, 7.0 GB; "
                  f"take {attribute}/net_best.pth from its celebahq folder, which DiffPure reads as "
-                 f"pretrained/celebahq/{attribute}/net_best.pth)")
+                 f"pretrained/celebahq/{attribute}/net_best.pth)",
+                 # gan-ensembling's download script unzips it at the repository root, whose code then reads
+                 # results/pretrained_classifiers/celebahq/<attribute>/net_best.pth: a '/'-suffix finds it.
+                 archive=ZIP_URL, member=f"celebahq/{attribute}/net_best.pth")
 
 
 def attribute_assets(p: AttributeParams) -> list:

@@ -53,7 +53,8 @@ class DiffPureCifarParams(Params):
 def diffpure_cifar_asset(arch: str) -> Asset:
     return Asset(f"diffpure/cifar10/{arch}/weights.pt",
                  f"{DRIVE_FOLDERS[arch]} (NVlabs/DiffPure README, '{arch}' on CIFAR-10; "
-                 f"the file DiffPure reads as pretrained/cifar10/{arch}/weights.pt)")
+                 f"the file DiffPure reads as pretrained/cifar10/{arch}/weights.pt)",
+                 url=DRIVE_FOLDERS[arch])   # a Drive folder: gdown fetches its weights.pt, else a manual step
 
 
 def diffpure_cifar_assets(p: DiffPureCifarParams) -> list[tuple[Asset, str | None]]:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import re
 from pathlib import Path
 from typing import Literal
 
@@ -44,7 +45,12 @@ DEIT_S_URL = "https://dl.fbaipublicfiles.com/deit/deit_small_patch16_224-cd65a15
 
 def _asset(url: str, what: str) -> Asset:
     name = Path(url).name
-    return Asset(f"imagenet/{name}", f"{url} ({what}; the hex in the name is the start of its sha256)")
+    # torchvision's weights (weights.get_state_dict(check_hash=True)) and DeiT's models.py
+    # (load_state_dict_from_url(check_hash=True)) hold the file to the hex in its name (torch.hub's
+    # HASH_REGEX): the start of its sha256, the only digest these publishers give.
+    prefix = re.search(r"-([a-f0-9]+)\.", name)
+    return Asset(f"imagenet/{name}", f"{url} ({what}; the hex in the name is the start of its sha256)", url=url,
+                 sha256_prefix=prefix[1] if prefix else None)
 
 
 def _require(module: str, who: str):

@@ -7,6 +7,7 @@ from benchkit.hookspecs import hookimpl
 
 from benchkit_baselines.gan import GANInversionParams, make_gan_inversion
 from benchkit_baselines.vae import VAEParams, make_vae
+from benchkit_baselines.weights import generative_assets
 
 
 @hookimpl
@@ -29,9 +30,10 @@ def register_defenses(register):
     # checks every cell's gradient mode before any model is built.
     register("identity", lambda params: Identity(), gradient_modes=("exact", "adjoint"),
              description="No defense: the undefended ('static') classifier of the paper's tables")
-    register("vae", make_vae, params=VAEParams, gradient_modes=("exact",),
+    register("vae", make_vae, params=VAEParams, gradient_modes=("exact",), assets=generative_assets("digits-vae"),
              description="VAE purification decode(encode(x)) with the digits VAE (generative model digits-vae)")
     register("gan-inversion", make_gan_inversion, params=GANInversionParams, gradient_modes=gan_inversion_modes,
+             assets=generative_assets("digits-gan", "digits-gan-encoder"),
              description="GAN-inversion purification G(z*), z* by encoder, optimisation or both "
                          "(generative models digits-gan + digits-gan-encoder)")
 

@@ -89,10 +89,12 @@ def _model_dir(p: RobustBenchParams) -> Path:
     return Path(p.model_dir).expanduser() if p.model_dir else home() / "robustbench"
 
 
-def _asset(p: RobustBenchParams, sub: str, source: str) -> tuple[Asset, str | None]:
-    """An asset at model_dir/sub: relative to BENCHKIT_HOME by default, explicit when model_dir is set."""
+def _asset(p: RobustBenchParams, sub: str, source: str, url: str, sha256_prefix: str | None = None
+           ) -> tuple[Asset, str | None]:
+    """An asset at model_dir/sub: relative to BENCHKIT_HOME by default, explicit when model_dir is set.
+    `url` is where robustbench itself fetches it (Google Drive: gdown, as robustbench does)."""
     explicit = str(_model_dir(p) / sub) if p.model_dir else None
-    return Asset(f"robustbench/{sub}", source), explicit
+    return Asset(f"robustbench/{sub}", source, url=url, sha256_prefix=sha256_prefix), explicit
 
 
 def _files(p: RobustBenchParams) -> list[tuple[Asset, str | None]]:
@@ -118,7 +120,8 @@ def _files(p: RobustBenchParams) -> list[tuple[Asset, str | None]]:
         if not url or getattr(cfg, "hf_hub_id", None):
             raise BadInput(f"RobustBench model '{p.name}' ({where}) loads through timm from a source other than a URL; "
                            "not supported offline")
-        return [_asset(p, f"hub/checkpoints/{Path(url.split('?')[0]).name}", f"{url} ({entry}, timm '{timm_name}')")]
+        return [_asset(p, f"hub/checkpoints/{Path(url.split('?')[0]).name}", f"{url} ({entry}, timm '{timm_name}')",
+                       url)]
 
     gdrive = models[p.name]["gdrive_id"]
     if gdrive is None:
@@ -131,12 +134,14 @@ def _files(p: RobustBenchParams) -> list[tuple[Asset, str | None]]:
         from torchvision.models import ResNet50_Weights
 
         url = ResNet50_Weights.IMAGENET1K_V1.url
-        return [_asset(p, f"hub/checkpoints/{Path(url).name}", f"{url} (torchvision ResNet50_Weights.IMAGENET1K_V1; {entry})")]
+        # torchvision loads it with check_hash=True: the hex in the name is the start of its sha256
+        return [_asset(p, f"hub/checkpoints/{Path(url).name}", f"{url} (torchvision ResNet50_Weights.IMAGENET1K_V1; {entry})",
+                       url, sha256_prefix=Path(url).stem.rsplit("-", 1)[1])]
     stem = f"{p.dataset}/{p.threat_model}/{p.name}.pt"
     if isinstance(gdrive, list):
-        return [_asset(p, f"{stem}_m{i}.pt", f"https://drive.google.com/uc?id={gid} ({entry}, member {i})")
-                for i, gid in enumerate(gdrive)]
-    return [_asset(p, stem, f"https://drive.google.com/uc?id={gdrive} ({entry})")]
+        return [_asset(p, f"{stem}_m{i}.pt", f"https://drive.google.com/uc?id={gid} ({entry}, member {i})",
+                       f"https://drive.google.com/uc?id={gid}") for i, gid in enumerate(gdrive)]
+    return [_asset(p, stem, f"https://drive.google.com/uc?id={gdrive} ({entry})", f"https://drive.google.com/uc?id={gdrive}")]
 
 
 def robustbench_assets(p: RobustBenchParams) -> list[tuple[Asset, str | None]]:

@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from benchkit.errors import MissingAsset
+from benchkit.assets import DoesNotFit, state_mismatch
 
 
 class Normalized(nn.Module):
@@ -24,9 +24,28 @@ class Normalized(nn.Module):
 
 
 def load_into(net: nn.Module, state: dict, path: Path, what: str) -> None:
-    """net.load_state_dict(state), strict; MissingAsset naming the file when it does not fit."""
-    try:
-        net.load_state_dict(state)
-    except (RuntimeError, TypeError, AttributeError) as exc:
-        first = " ".join(str(exc).strip().split())[:300]
-        raise MissingAsset(f"{path}: not {what} ({type(exc).__name__}: {first}); is it the published file?") from None
+    """net.load_state_dict(state), strict; MissingAsset naming the file when it does not fit, with
+    benchkit.assets' diagnosis (`not WHAT (3 missing keys (e.g. 'x'), ...); is it the published file?`)."""
+    problem = state_mismatch(net, state)
+    if problem is None:
+        try:
+            net.load_state_dict(state)
+            return
+        except (RuntimeError, TypeError, AttributeError) as exc:   # what the key and shape check cannot see
+            problem = f"{type(exc).__name__}: {' '.join(str(exc).strip().split())[:300]}"
+    raise DoesNotFit(f"{path}: not {what} ({problem}); is it the published file?")
+
+
+def generative_assets(*ids: str):
+    """assets= for a purifier built on registered generative models (the VAE, GAN inversion): the
+    files those models declare, so `benchkit assets` lists them and their sha256 keys the cells."""
+    def assets(params) -> list:
+        from benchkit import registry
+
+        out: list = []
+        for id in ids:
+            entry = registry.get("generative-models").get(id)
+            if entry.assets is not None:
+                out += entry.assets(entry.validate({}, f"generative model '{id}'"))
+        return out
+    return assets

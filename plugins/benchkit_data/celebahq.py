@@ -62,6 +62,13 @@ SOURCES = {
     "CelebA-HQ-to-CelebA-mapping.txt": "CelebAMask-HQ (https://github.com/switchablenorms/CelebAMask-HQ), "
                                        "CelebAMask-HQ.zip",
 }
+# CelebA's own files on its Google Drive (needs gdown, else a manual step), with the file ids and md5
+# torchvision downloads and checks (datasets/celeba.py, CelebA.file_list). The images (built with a
+# script from CelebA and its deltas) and CelebAMask-HQ have no direct address: manual steps.
+DRIVE = {"list_attr_celeba.txt": ("https://drive.google.com/uc?id=0B7EVK8r0v71pblRyaVFSWGxPY0U",
+                                  "75e246fa4810816ffd6ee81facbd244c"),
+         "list_eval_partition.txt": ("https://drive.google.com/uc?id=0B7EVK8r0v71pY0NSMzRuSXJEVkk",
+                                     "d32c9cbf5e040fd4025c592c306e6668")}
 LAYOUT_FILES = {
     "diffpure": ("images", "list_attr_celeba.txt", "list_eval_partition.txt"),
     "celebamask-hq": ("CelebA-HQ-img", "CelebAMask-HQ-attribute-anno.txt", "CelebA-HQ-to-CelebA-mapping.txt",
@@ -71,7 +78,8 @@ LAYOUT_FILES = {
 
 def files(root: Path, layout: str) -> list[tuple[Asset, Path]]:
     """Every file or folder the layout needs: (asset, its path under root)."""
-    return [(Asset(f"celebahq/{name}", SOURCES[name]), root / name) for name in LAYOUT_FILES[layout]]
+    return [(Asset(f"celebahq/{name}", SOURCES[name], url=DRIVE.get(name, (None, None))[0],
+                   md5=DRIVE.get(name, (None, None))[1]), root / name) for name in LAYOUT_FILES[layout]]
 
 
 def _lines(path: Path) -> list[str]:

@@ -14,7 +14,15 @@ from benchkit.dataset import TensorDataset
 from benchkit.errors import MissingAsset
 
 SOURCE = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz (extract so the folder cifar-10-batches-py/ is inside root)"
-TEST_ASSET = Asset("cifar10/cifar-10-batches-py/test_batch", SOURCE, size=31_035_526)
+# What `benchkit assets --download` fetches: the publisher's archive, then only the batches a split needs.
+ARCHIVE = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
+ARCHIVE_MD5 = "c58f30108f718f92721af3b95e74349a"   # the CIFAR-10 page's md5sum; torchvision's CIFAR10.tgz_md5
+# md5 of each extracted batch, as torchvision (datasets/cifar.py, CIFAR10.train_list / test_list) checks them.
+MD5 = {"data_batch_1": "c99cafc152244af753f735de768cd75f", "data_batch_2": "d4bba439e000b95fd0a9bffe97cbabec",
+       "data_batch_3": "54ebc095f3ab1f0389bbae665268c751", "data_batch_4": "634d18415352ddfa80567beed471001a",
+       "data_batch_5": "482c414d41f54cd18b22e5b47cb7c3cb", "test_batch": "40351d587109b95175f43aff81a1287e"}
+TEST_ASSET = Asset("cifar10/cifar-10-batches-py/test_batch", SOURCE, size=31_035_526, md5=MD5["test_batch"],
+                   archive=ARCHIVE, member="cifar-10-batches-py/test_batch", archive_md5=ARCHIVE_MD5)
 TRAIN_FILES = [f"data_batch_{i}" for i in range(1, 6)]
 
 

@@ -91,7 +91,9 @@ def cifar10_assets(p: Cifar10Params) -> list:
     from benchkit.assets import Asset
     from benchkit_data import cifar10 as c
 
-    return [(Asset(str(f.relative_to(_cifar10_root(p))), c.SOURCE), f) for f in c.files(_cifar10_root(p), p.split)]
+    return [(Asset(str(f.relative_to(_cifar10_root(p))), c.SOURCE, md5=c.MD5[f.name], archive=c.ARCHIVE,
+                   member=f"cifar-10-batches-py/{f.name}", archive_md5=c.ARCHIVE_MD5), f)
+            for f in c.files(_cifar10_root(p), p.split)]
 
 
 class ImageNetParams(AuthorsSubset):

@@ -7,13 +7,14 @@ digits-unet.
 """
 from __future__ import annotations
 
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from pydantic import Field, field_validator, model_validator
 
 from benchkit import registry
-from benchkit.assets import Asset, load_state_dict
+from benchkit.assets import Asset, load_into, load_state_dict
 from benchkit.defended import Purifier
 from benchkit.errors import BadInput
 from benchkit.hookspecs import hookimpl
@@ -24,15 +25,23 @@ if TYPE_CHECKING:
     from benchkit_diffpure.score import ScoreModel
 
 # Published checkpoints and the configurations DiffPure uses with them.
+# Addresses: NVlabs/DiffPure's README ("pre-trained diffusion models"). None of the three publishers gives
+# a digest: `benchkit assets --download` records the sha256 of what it receives (BENCHKIT_HOME/sha256sums).
 DDPMPP_ASSET = Asset("diffpure/score_sde/checkpoint_8.pth",
                      "score_sde_pytorch's release, vp/cifar10_ddpmpp_deep_continuous/checkpoints/checkpoint_8.pth "
-                     "(https://github.com/yang-song/score_sde_pytorch)")
+                     "(https://github.com/yang-song/score_sde_pytorch)",
+                     # a Google Drive file (DiffPure's README link): gdown fetches it, else a manual step
+                     url="https://drive.google.com/file/d/16_-Ahc6ImZV5ClUc0vM5Iivf8OJ1VSif/view?usp=sharing")
+# Size: 2,211,383,297 bytes (as DiffBreak's mirror of the same file also records). A third-party
+# sha256 (Disco Diffusion's check_model_SHA, 983e3de6...) is not declared: not the publisher's.
 ADM_ASSET = Asset("diffpure/guided_diffusion/256x256_diffusion_uncond.pt",
                   "https://openaipublic.blob.core.windows.net/diffusion/jul-2021/256x256_diffusion_uncond.pt",
-                  size=2_211_383_297)
+                  size=2_211_383_297,
+                  url="https://openaipublic.blob.core.windows.net/diffusion/jul-2021/256x256_diffusion_uncond.pt")
 CELEBAHQ_ASSET = Asset("diffpure/sdedit/celeba_hq.ckpt",
                        "https://image-editing-test-12345.s3-us-west-2.amazonaws.com/checkpoints/celeba_hq.ckpt "
-                       "(SDEdit, https://github.com/ermongroup/SDEdit)")
+                       "(SDEdit, https://github.com/ermongroup/SDEdit)",
+                       url="https://image-editing-test-12345.s3-us-west-2.amazonaws.com/checkpoints/celeba_hq.ckpt")
 
 DDPMPP_CONFIG = {"data": {"image_size": 32, "num_channels": 3, "centered": True},
                  "model": {"name": "ncsnpp", "nf": 128, "ch_mult": [1, 2, 2, 2], "num_res_blocks": 8,
@@ -55,19 +64,36 @@ CELEBAHQ_CONFIG = {"data": {"image_size": 256, "channels": 3},
 
 class CheckpointParams(Params):
     path: str | None = Field(None, description="checkpoint file (default: the expected path under BENCHKIT_HOME)")
-    config: dict[str, Any] | None = Field(None, description="architecture config overriding the published one")
+    config: dict[str, Any] | None = Field(None, description="architecture config overriding the published one (with "
+                                                            "`path`, your own model: the file is not held to the "
+                                                            "published size and sha256)")
     precision: Literal["fp32", "fp16", "bf16"] = Field(
         "fp32", description="network arithmetic (torch.autocast; eps returned in float32). The authors run "
                             "ImageNet's ADM in fp16 (use_fp16), CIFAR-10 and CelebA-HQ in fp32")
+
+
+def _checkpoint(asset: Asset, p: CheckpointParams) -> tuple[Path, Any]:
+    """The checked file and what it holds (one-line errors for a missing, empty, wrongly sized,
+    truncated or unsafe file), read before the network is built: a bad file fails in a moment."""
+    # Another architecture with a file of one's own is not the published model: only its presence counts.
+    path = asset.require(p.path, published=not (p.config and p.path))
+    return path, load_state_dict(path)
+
+
+def _architecture(build, config: dict, id: str) -> torch.nn.Module:
+    try:
+        return build(config)
+    except (ValueError, KeyError, TypeError) as exc:   # a `config` override the architecture does not take
+        raise BadInput(f"score model '{id}': config: {type(exc).__name__}: {exc}") from None
 
 
 def ddpmpp(p: CheckpointParams):
     from benchkit_diffpure.architectures.ncsnpp import NCSNpp, load_score_sde_checkpoint
     from benchkit_diffpure.score import ContinuousTimeScore
 
-    path = DDPMPP_ASSET.require(p.path)
-    net = NCSNpp.from_config(p.config or DDPMPP_CONFIG)
-    load_score_sde_checkpoint(net, path)
+    path, state = _checkpoint(DDPMPP_ASSET, p)
+    net = _architecture(NCSNpp.from_config, p.config or DDPMPP_CONFIG, "ddpmpp")
+    load_score_sde_checkpoint(net, state, source=path, what="the ddpmpp architecture")
     return ContinuousTimeScore(net, precision=p.precision)
 
 
@@ -75,9 +101,9 @@ def adm(p: CheckpointParams):
     from benchkit_diffpure.architectures.guided_unet import GuidedUNet
     from benchkit_diffpure.score import DiscreteTimeScore
 
-    path = ADM_ASSET.require(p.path)
-    net = GuidedUNet.from_config(p.config or ADM_CONFIG)
-    net.load_state_dict(load_state_dict(path))
+    path, state = _checkpoint(ADM_ASSET, p)
+    net = _architecture(GuidedUNet.from_config, p.config or ADM_CONFIG, "adm")
+    load_into(net, state, path, "the adm architecture")
     return DiscreteTimeScore(net, eps_channels=3, precision=p.precision)
 
 
@@ -85,14 +111,14 @@ def ddpm(p: CheckpointParams):
     from benchkit_diffpure.architectures.ddpm_unet import DDPMUNet
     from benchkit_diffpure.score import DiscreteTimeScore
 
-    path = CELEBAHQ_ASSET.require(p.path)
-    net = DDPMUNet.from_config(p.config or CELEBAHQ_CONFIG)
-    state = load_state_dict(path)
+    path, state = _checkpoint(CELEBAHQ_ASSET, p)
+    net = _architecture(DDPMUNet.from_config, p.config or CELEBAHQ_CONFIG, "ddpm")
     # SDEdit's celeba_hq.ckpt is a bare state dict; some copies are wrapped in a list or DataParallel.
-    if isinstance(state, (list, tuple)):
+    if isinstance(state, (list, tuple)) and state:
         state = state[0]
-    state = {k.removeprefix("module."): v for k, v in state.items()}
-    net.load_state_dict(state)
+    if isinstance(state, dict):
+        state = {k.removeprefix("module.") if isinstance(k, str) else k: v for k, v in state.items()}
+    load_into(net, state, path, "the ddpm architecture")
     return DiscreteTimeScore(net, eps_channels=3, precision=p.precision)
 
 

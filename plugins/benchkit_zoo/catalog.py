@@ -14,6 +14,7 @@ from typing import Callable
 from safetensors.torch import load as st_load
 from torch import nn
 
+from benchkit.assets import Asset, load_into
 from benchkit.errors import MissingAsset
 
 from benchkit_zoo import recipes, recipes_baselines
@@ -109,10 +110,20 @@ def weights_path(name: str, weights_dir: str | Path | None = None) -> Path:
     return Path(weights_dir or WEIGHTS_DIR) / _entry(name).filename
 
 
+def asset(name: str) -> tuple[Asset, str]:
+    """The shipped weights file as a component declares it (registry `assets=`): listed by
+    `benchkit assets`, its sha256 in the key of every cell that uses the model."""
+    entry = _entry(name)
+    return (Asset(f"benchkit_zoo/{entry.filename}", f"shipped with benchkit_zoo (`benchkit zoo train {name}` "
+                  "rebuilds it)", sha256=entry.sha256), str(weights_path(name)))
+
+
 def load_zoo_model(name: str, weights_dir: str | Path | None = None) -> nn.Module:
     """Build `name`'s architecture and load its verified weights; eval mode, no gradients.
 
-    weights_dir defaults to the package's weights/ folder.
+    weights_dir defaults to the package's weights/ folder. Every failure is one line naming the file:
+    FileNotFoundError when it is absent, else a MissingAsset (empty, sha256 mismatch, not a
+    safetensors file, tensors that do not fit the architecture).
     """
     entry = _entry(name)
     path = weights_path(name, weights_dir)
@@ -122,14 +133,21 @@ def load_zoo_model(name: str, weights_dir: str | Path | None = None) -> nn.Modul
         )
     # Hash and deserialise the same bytes, so the file cannot change between check and load.
     blob = path.read_bytes()
+    if not blob:
+        raise MissingAsset(f"{path}: empty (0 bytes); restore the shipped file or retrain with "
+                           f"`benchkit zoo train {name}`")
     actual = hashlib.sha256(blob).hexdigest()
     if actual != entry.sha256:
         raise ZooIntegrityError(
             f"sha256 mismatch for zoo model {name!r} weights {path}: expected {entry.sha256}, got {actual}; "
             f"restore the shipped file or retrain with `benchkit zoo train {name}`"
         )
+    try:
+        state = st_load(blob)
+    except Exception as exc:  # noqa: BLE001 - SafetensorError: the file, not the code
+        raise MissingAsset(f"{path}: not a safetensors file ({type(exc).__name__}: {exc})") from None
     model = entry.builder()
-    model.load_state_dict(st_load(blob), strict=True)
+    load_into(model, state, path, f"the {type(model).__name__} architecture of zoo model {name!r}")
     return model.eval().requires_grad_(False)
 
 

@@ -7,7 +7,9 @@ disabled the zoo still loads, and those models are simply not listed.
 from __future__ import annotations
 
 import argparse
+import sys
 
+from benchkit.errors import BadInput
 from benchkit.hookspecs import hookimpl
 
 
@@ -17,11 +19,20 @@ def _load(name: str):
     return load_zoo_model(name)
 
 
+def _shipped(name: str):
+    """assets=: the model's shipped weights file, so its sha256 keys the cells that use it."""
+    def assets(params) -> list:
+        from benchkit_zoo.catalog import asset
+
+        return [asset(name)]
+    return assets
+
+
 @hookimpl
 def register_classifiers(register):
-    register("digits-cnn", lambda params: _load("digits-cnn"),
+    register("digits-cnn", lambda params: _load("digits-cnn"), assets=_shipped("digits-cnn"),
              description="Small CNN trained on the digits train split (benchkit_zoo recipe, shipped weights)")
-    register("digits-cnn-at", lambda params: _load("digits-cnn-at"),
+    register("digits-cnn-at", lambda params: _load("digits-cnn-at"), assets=_shipped("digits-cnn-at"),
              description="The digits CNN adversarially trained with PGD at Linf 0.2 (Madry et al. 2018; "
                          "benchkit_zoo recipe, shipped weights)")
 
@@ -29,17 +40,17 @@ def register_classifiers(register):
 @hookimpl(optionalhook=True)
 def register_score_models(register):
     # A plain noise predictor with TIME_SCALE: DiffPure wraps it (see benchkit_diffpure.hookspecs).
-    register("digits-unet", lambda params: _load("digits-unet"),
+    register("digits-unet", lambda params: _load("digits-unet"), assets=_shipped("digits-unet"),
              description="small score U-Net trained on the digits train split (benchkit_zoo recipe, shipped)")
 
 
 @hookimpl(optionalhook=True)
 def register_generative_models(register):
-    register("digits-vae", lambda params: _load("digits-vae"),
+    register("digits-vae", lambda params: _load("digits-vae"), assets=_shipped("digits-vae"),
              description="VAE of the digits, 16-dim latent (benchkit_zoo recipe, shipped)")
-    register("digits-gan", lambda params: _load("digits-gan"),
+    register("digits-gan", lambda params: _load("digits-gan"), assets=_shipped("digits-gan"),
              description="SN-GAN generator of the digits, 32-dim latent (benchkit_zoo recipe, shipped)")
-    register("digits-gan-encoder", lambda params: _load("digits-gan-encoder"),
+    register("digits-gan-encoder", lambda params: _load("digits-gan-encoder"), assets=_shipped("digits-gan-encoder"),
              description="encoder inverting the digits-gan generator (benchkit_zoo recipe, shipped)")
 
 
@@ -52,23 +63,35 @@ def _zoo(args: argparse.Namespace) -> int:
         rows = [[name, e.filename, e.sha256[:16], e.description] for name, e in catalog.CATALOG.items()]
         print(tabulate(rows, headers=["model", "file", "sha256 (first 16)", "description"], disable_numparse=True))
         return 0
+    if args.name and args.name not in catalog.CATALOG:
+        raise BadInput(f"zoo {args.zoo_action}: unknown model '{args.name}' (known: {', '.join(catalog.CATALOG)})")
     names = [args.name] if args.name else list(catalog.CATALOG)
-    status = 0
-    for name in names:
-        if name not in catalog.CATALOG:
-            print(f"benchkit zoo: unknown model '{name}' (known: {', '.join(catalog.CATALOG)})")
-            return 2
-        if args.zoo_action == "verify":
-            try:
-                catalog.load_zoo_model(name)
-                print(f"{name}: ok ({catalog.CATALOG[name].sha256[:16]})")
-            except (FileNotFoundError, ValueError, RuntimeError) as exc:
-                print(f"{name}: {exc}")
-                status = 1
-        else:
+    if args.zoo_action == "train":
+        for name in names:
             path, digest = catalog.train_zoo_model(name, weights_dir=args.out)
             print(f"{name}: wrote {path} sha256 {digest}")
-    return status
+        return 0
+    return _verify(names)
+
+
+def _verify(names: list[str]) -> int:
+    """Every model checked, one line each: ok with its digest, or what is wrong with its file. A bad
+    weights file is a finding, not a usage error: exit 1 when any model is bad."""
+    from benchkit_zoo import catalog
+
+    bad = 0
+    for name in names:
+        try:
+            catalog.load_zoo_model(name)
+            print(f"{name}: ok ({catalog.CATALOG[name].sha256[:16]})")
+        except Exception as exc:  # noqa: BLE001 - whatever is wrong with one model, the others are checked
+            bad += 1
+            text = " ".join(str(exc).split()) or type(exc).__name__
+            print(f"{name}: BAD: {text}")
+    if bad:
+        print(f"benchkit: zoo verify: {bad} of {len(names)} model(s) bad; restore the shipped files or retrain "
+              "them with `benchkit zoo train NAME`", file=sys.stderr)
+    return 1 if bad else 0
 
 
 @hookimpl

@@ -338,25 +338,18 @@ class NCSNpp(nn.Module):
 
 
 def _describe(source: object) -> str:
-    return f"'{source}'" if isinstance(source, (str, Path)) else "the given state"
-
-
-def _load_file(path: Path) -> Mapping[str, Any]:
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(path), device="cpu")
-    # weights_only: a checkpoint is data, never code to execute.
-    return torch.load(path, map_location="cpu", weights_only=True)
+    return str(source) if isinstance(source, (str, Path)) else "the given state"
 
 
 def load_score_sde_checkpoint(
-    model: nn.Module, path_or_state: str | Path | Mapping[str, Any], *, use_ema: bool = True
+    model: nn.Module, path_or_state: str | Path | Mapping[str, Any], *, use_ema: bool = True,
+    source: str | Path | None = None, what: str = "the NCSN++ architecture",
 ) -> nn.Module:
     """Load score_sde weights into `model` and return it.
 
-    Accepts a path (.pth/.pt via torch.load(weights_only=True), or .safetensors) or an
-    already-loaded mapping. Two layouts are understood:
+    Accepts a path (.pth/.pt via torch.load(weights_only=True), or .safetensors; benchkit.assets'
+    load_state_dict, which never runs pickled code) or an already-loaded mapping (`source` then names
+    the file it came from in messages). Two layouts are understood:
 
     * score_sde's training checkpoint {'model': {'module.<key>': ...}, 'ema': {'shadow_params':
       [...]}, 'step': ...}. As in DiffPure, the effective weights are the EMA shadow parameters,
@@ -367,79 +360,62 @@ def load_score_sde_checkpoint(
       With use_ema=False the raw 'model' weights are loaded instead.
     * a plain state dict with exactly the model's keys, loaded with strict=True.
 
-    Any count, key or shape mismatch raises ValueError naming the source.
+    Any count, key or shape mismatch raises benchkit.assets.DoesNotFit (a ValueError) in one line:
+    `SOURCE: does not fit WHAT: ...; is it the published file?`.
     """
-    where = _describe(path_or_state)
+    from benchkit.assets import DoesNotFit, load_into, load_state_dict, state_mismatch
+
+    where = str(source) if source is not None else _describe(path_or_state)
     if isinstance(path_or_state, (str, Path)):
         path = Path(path_or_state)
         if not path.is_file():
             raise FileNotFoundError(f"checkpoint not found: {path}")
-        state = _load_file(path)
+        state = load_state_dict(path)
     else:
         state = path_or_state
+
+    def unfit(problem: str) -> DoesNotFit:
+        return DoesNotFit(f"{where}: does not fit {what}: {problem}; is it the published file?")
+
     if not isinstance(state, Mapping):
-        raise ValueError(f"{where}: expected a mapping, got {type(state).__name__}")
+        raise unfit(f"it holds a {type(state).__name__}, not a state dict")
 
     if "ema" in state or "model" in state:
         raw = state.get("model")
         if raw is not None:
-            raw = {k.removeprefix("module."): v for k, v in raw.items()}
+            if not isinstance(raw, Mapping):
+                raise unfit(f"its 'model' entry is a {type(raw).__name__}, not a state dict")
+            raw = {str(k).removeprefix("module."): v for k, v in raw.items()}
             # Older score_sde code kept `sigmas` as a plain attribute, so a checkpoint may lack
             # it; DiffPure never reads buffers from the file, so rebuild them from the config.
             for name, buf in model.named_buffers():
                 raw.setdefault(name, buf)
-            _check_keys_and_shapes(model, raw, where)
+            if (problem := state_mismatch(model, raw)) is not None:
+                raise unfit(f"its 'model' entry: {problem}")
         if use_ema:
             ema = state.get("ema")
-            if not isinstance(ema, Mapping) or "shadow_params" not in ema:
-                raise ValueError(f"{where}: no 'ema' entry with 'shadow_params' to load")
-            _copy_shadow_params(model, ema["shadow_params"], where)
+            if not isinstance(ema, Mapping) or not isinstance(ema.get("shadow_params"), Sequence):
+                raise unfit("no 'ema' entry with 'shadow_params' to load")
+            _copy_shadow_params(model, ema["shadow_params"], unfit)
         else:
             if raw is None:
-                raise ValueError(f"{where}: no 'model' entry to load with use_ema=False")
-            _strict_load(model, raw, where)
+                raise unfit("no 'model' entry to load with use_ema=False")
+            load_into(model, raw, where, what)
         return model
 
-    _strict_load(model, state, where)
+    load_into(model, state, where, what)
     return model
 
 
-def _check_keys_and_shapes(model: nn.Module, state: Mapping[str, Tensor], where: str) -> None:
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    got = {k: tuple(v.shape) for k, v in state.items()}
-    missing = sorted(expected.keys() - got.keys())
-    unexpected = sorted(got.keys() - expected.keys())
-    wrong = sorted(k for k in expected.keys() & got.keys() if expected[k] != got[k])
-    if missing or unexpected or wrong:
-        details = []
-        if missing:
-            details.append(f"{len(missing)} missing (e.g. {missing[:3]})")
-        if unexpected:
-            details.append(f"{len(unexpected)} unexpected (e.g. {unexpected[:3]})")
-        if wrong:
-            k = wrong[0]
-            details.append(f"{len(wrong)} with wrong shape (e.g. {k}: {got[k]} vs {expected[k]})")
-        raise ValueError(f"{where}: state dict does not match the model: " + "; ".join(details))
-
-
-def _strict_load(model: nn.Module, state: Mapping[str, Tensor], where: str) -> None:
-    _check_keys_and_shapes(model, state, where)
-    model.load_state_dict(dict(state), strict=True)
-
-
-def _copy_shadow_params(model: nn.Module, shadow: Sequence[Tensor], where: str) -> None:
+def _copy_shadow_params(model: nn.Module, shadow: Sequence[Tensor], unfit) -> None:
     params = list(model.parameters())
     if len(shadow) != len(params):
-        raise ValueError(
-            f"{where}: EMA has {len(shadow)} shadow params but the model has {len(params)} parameters"
-        )
+        raise unfit(f"EMA has {len(shadow)} shadow params but the model has {len(params)} parameters")
     names = [n for n, _ in model.named_parameters()]
     for i, (name, p, s) in enumerate(zip(names, params, shadow)):
         if not isinstance(s, Tensor) or tuple(s.shape) != tuple(p.shape):
-            got = tuple(s.shape) if isinstance(s, Tensor) else type(s).__name__
-            raise ValueError(
-                f"{where}: EMA shadow param {i} has shape {got}, expected {tuple(p.shape)} for {name}"
-            )
+            got = list(s.shape) if isinstance(s, Tensor) else type(s).__name__
+            raise unfit(f"EMA shadow param {i} ({name!r}) is {got} but the model has {list(p.shape)}")
     with torch.no_grad():
         for p, s in zip(params, shadow):
             p.copy_(s)
