@@ -64,9 +64,27 @@ class Asset:
         if published and self.size and size != self.size:
             raise MissingAsset(f"{p}: {size:,} bytes but the published file is {self.size:,}; the download is "
                                "incomplete or it is another file")
-        if published and self.sha256:
-            verify_sha256(p, self.sha256)
+        if published:
+            self._verify_digest(p)
         return p
+
+    def _verify_digest(self, p: Path) -> None:
+        """The published sha256, else the prefix its file name carries, else the digest recorded when
+        it was downloaded: a file swapped for another (a random init of the right shapes) is refused."""
+        if self.sha256:
+            verify_sha256(p, self.sha256)
+            return
+        recorded = recorded_digest(p)
+        if not (self.sha256_prefix or recorded):
+            return
+        actual = file_digest(p)
+        if self.sha256_prefix and not actual.startswith(self.sha256_prefix):
+            raise MissingAsset(f"{p}: sha256 {actual[:16]}…, but the published file's starts with {self.sha256_prefix} "
+                               "(its name says so); the file is corrupt or not the published one")
+        if recorded and actual != recorded:
+            raise MissingAsset(f"{p}: changed since it was downloaded (sha256 {recorded[:16]}… recorded in "
+                               f"{home() / LEDGER}, now {actual[:16]}…): delete it and run `benchkit assets SUITE "
+                               "--download`, or, if you replaced it on purpose, remove its line there")
 
 
 def sha256_file(path: str | Path) -> str:

@@ -47,6 +47,16 @@ def plugin_manager(monkeypatch):
     plugins.reset_plugin_manager()
 
 
+@pytest.fixture
+def standin_weights(monkeypatch):
+    """Random weights saved under a published file name (resnet50-0676ba61.pth) test the loading code;
+    their sha256 cannot match the prefix the name carries, so that check (tested on its own in
+    test_weights_integrity) is off for the test."""
+    from benchkit.assets import Asset
+
+    monkeypatch.setattr(Asset, "_verify_digest", lambda self, path: None)
+
+
 def randomize_bn(model: torch.nn.Module) -> torch.nn.Module:
     """Non-trivial batch-norm statistics (random weights alone leave mean 0 / var 1), eval mode."""
     with torch.no_grad():
@@ -55,6 +65,19 @@ def randomize_bn(model: torch.nn.Module) -> torch.nn.Module:
                 m.running_mean.normal_(0, 0.1)
                 m.running_var.uniform_(0.5, 1.5)
     return model.eval()
+
+
+# The smallest runnable suite: 4 digits, the undefended CNN, a 2-step PGD, one repeat, no checks.
+TINY_SUITE = """
+suite: tiny
+dataset: {plugin: digits, params: {split: test, n: 4}}
+classifiers: [{id: cnn, plugin: digits-cnn}]
+defenses: [{id: none, plugin: identity}]
+attacks: [{id: pgd, plugin: pgd-eot, params: {norm: Linf, eps: 0.3, steps: 2, eot: 1}}]
+grid: all
+eval: {batch_size: 4, repeats: 1}
+checks: {enabled: []}
+"""
 
 
 def write(path: Path, text: str) -> Path:

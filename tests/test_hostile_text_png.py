@@ -26,7 +26,7 @@ from benchkit.cli import main
 from benchkit.hookspecs import hookimpl
 from benchkit.interrupt import Interrupted, SigintWatch
 from benchkit.report import printable
-from conftest import ROOT, write
+from conftest import ROOT, TINY_SUITE, write
 from malformed.contract import assert_one_line_errors
 from malformed.setup_cli import SIGNATURE, bomb, chunk, grey_png, zeros_zlib
 from test_purify_cli import filtered_png
@@ -311,14 +311,6 @@ def test_bad_input_lines_are_escaped(tmp_path, monkeypatch, capsys):
 
 # ------------------------------------------------------------------ devices
 
-TINY_SUITE = """
-suite: tiny
-dataset: {plugin: digits, params: {split: test, n: 4}}
-classifiers: [{id: cnn, plugin: digits-cnn}]
-defenses: [{id: none, plugin: identity}]
-attacks: [{id: pgd, plugin: pgd-eot, params: {norm: Linf, eps: 0.3, steps: 2, eot: 1}}]
-grid: all
-"""
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
 def test_run_with_a_device_flag_this_machine_lacks_is_one_line(tmp_path, capsys):

@@ -21,19 +21,10 @@ from benchkit import outdir, report
 from benchkit.cli import main
 from benchkit.errors import BadInput
 from benchkit.store import MIGRATIONS, Store
-from conftest import ROOT, write
+from conftest import ROOT, TINY_SUITE, write
 from malformed.contract import assert_one_line_errors
 
-TINY = """
-suite: tiny
-dataset: {plugin: digits, params: {split: test, n: 4}}
-classifiers: [{id: cnn, plugin: digits-cnn}]
-defenses: [{id: none, plugin: identity}]
-attacks: [{id: pgd, plugin: pgd-eot, params: {norm: Linf, eps: 0.3, steps: 2, eot: 1}}]
-grid: all
-eval: {batch_size: 4, repeats: 1}
-checks: {enabled: []}
-"""
+TINY = TINY_SUITE
 
 
 def errors_only(err: str) -> str:

@@ -116,6 +116,7 @@ def test_attribute_classifier_missing_and_wrong_files(home):
 
 @pytest.mark.parametrize("arch,file", [("resnet50", "resnet50-0676ba61.pth"),
                                        ("wide_resnet50_2", "wide_resnet50_2-95faca4d.pth")])
+@pytest.mark.usefixtures("standin_weights")
 def test_torchvision_roundtrip(arch, file, home):
     tv = pytest.importorskip("torchvision", reason="the robustbench extra is not installed")
     torch.manual_seed(0)
@@ -130,6 +131,7 @@ def test_torchvision_roundtrip(arch, file, home):
     assert not model.training
 
 
+@pytest.mark.usefixtures("standin_weights")
 def test_deit_s_roundtrip_from_the_release_format(home):
     timm = pytest.importorskip("timm", reason="the robustbench extra is not installed")
     torch.manual_seed(0)
@@ -163,6 +165,7 @@ def test_imagenet_missing_weights_name_path_and_url(home):
         build("imagenet-torchvision", {"path": "/nowhere/r50.pth"})
 
 
+@pytest.mark.usefixtures("standin_weights")
 def test_without_the_extra_building_says_what_to_install(home, monkeypatch):
     for file in ("resnet50-0676ba61.pth", "deit_small_patch16_224-cd65a155.pth"):
         (home / "imagenet").mkdir(exist_ok=True)

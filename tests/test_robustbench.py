@@ -90,6 +90,7 @@ def test_wrn_70_16_architecture_on_meta_device(name, home):
     assert explicit is None and asset.path == home / "robustbench" / "cifar10" / "Linf" / f"{name}.pt"
 
 
+@pytest.mark.usefixtures("standin_weights")
 def test_imagenet_standard_r50_from_the_torch_hub_cache_under_model_dir(home):
     """ImageNet 'Standard_R50' is torchvision's pretrained ResNet-50: read from torch.hub's cache,
     which the plugin points at model_dir/hub for the call only."""

@@ -206,6 +206,33 @@ def test_require_checks_size_and_sha256_hashing_once(tmp_path, monkeypatch):
     assert len(calls) == 1
 
 
+def test_require_checks_the_name_prefix_and_the_digest_recorded_at_download(tmp_path, monkeypatch):
+    """Without a published sha256, a file swapped for another of the right shapes is still caught:
+    by the sha256 prefix its published name carries, or by the digest recorded when it was downloaded."""
+    monkeypatch.setenv("BENCHKIT_HOME", str(tmp_path / "home"))
+    path = tmp_path / "w.bin"
+    path.write_bytes(b"published")
+    digest = hashlib.sha256(b"published").hexdigest()
+    assert Asset("w.bin", "the test", sha256_prefix=digest[:8]).require(path) == path
+    with pytest.raises(MissingAsset) as exc:
+        Asset("w.bin", "the test", sha256_prefix="0676ba61").require(path)
+    assert exc.value.problems == [f"{path}: sha256 {digest[:16]}…, but the published file's starts with 0676ba61 "
+                                  "(its name says so); the file is corrupt or not the published one"]
+
+    plain = Asset("w.bin", "the test")
+    assets.record_digest(path, digest)           # what `benchkit assets --download` does
+    assert plain.require(path) == path
+    path.write_bytes(b"random init, same shapes")
+    other = hashlib.sha256(path.read_bytes()).hexdigest()
+    with pytest.raises(MissingAsset) as exc:
+        plain.require(path)
+    assert exc.value.problems == [
+        f"{path}: changed since it was downloaded (sha256 {digest[:16]}… recorded in {tmp_path / 'home' / 'sha256sums'}, "
+        f"now {other[:16]}…): delete it and run `benchkit assets SUITE --download`, or, if you replaced it on "
+        "purpose, remove its line there"]
+    assert plain.require(path, published=False) == path   # one's own model is not held to the record
+
+
 # ---------------------------------------------------------------- what keys a cell
 
 
