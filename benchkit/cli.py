@@ -23,8 +23,9 @@ DEVICE_CHOICES = ["auto", "cpu", "cuda", "mps"]
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str):  # usage errors exit 2 with one line, as bad input does
-        print(f"benchkit: error: {printable(self.prog)}: {printable(message)} (see `{printable(self.prog)} --help`)",
-              file=sys.stderr)
+        command = self.prog.removeprefix("benchkit").strip()   # '' for the top level, 'run' for `benchkit run`
+        print(f"benchkit: error: {command + ': ' if command else ''}{printable(message)} "
+              f"(see `{printable(self.prog)} --help`)", file=sys.stderr)
         raise SystemExit(EXIT_BAD_INPUT)
 
 
@@ -513,7 +514,10 @@ def main(argv: list[str] | None = None) -> int:
 def _main(argv: list[str] | None, sigint: SigintWatch) -> int:
     try:
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-        args = build_parser().parse_args(argv)
+        try:
+            args = build_parser().parse_args(argv)
+        except SystemExit as exc:   # --help (0) or a usage error (2, its line printed): a status, as the rest
+            return exc.code if isinstance(exc.code, int) else EXIT_BAD_INPUT
         status = int(args.func(args) or 0)
         sys.stdout.flush()   # inside the try: a closed pipe found at exit would escape as a traceback
         return status
