@@ -87,12 +87,20 @@ class Asset:
                                "--download`, or, if you replaced it on purpose, remove its line there")
 
 
-def sha256_file(path: str | Path) -> str:
-    h = hashlib.sha256()
+def hash_file(path: str | Path, algorithm: str = "sha256") -> str:
+    """The hex digest of a file read in 1 MiB blocks (sha256; md5 where a publisher gives only that)."""
+    h = hashlib.new(algorithm)
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
+
+
+def sha256_file(path: str | Path) -> str:
+    return hash_file(path)
+
+
+_DIGESTS: dict[str, str] = {}   # this process's digests by cache key: the cache file is read once per file
 
 
 def file_digest(path: str | Path) -> str:
@@ -101,6 +109,8 @@ def file_digest(path: str | Path) -> str:
     p = Path(path).resolve()
     st = p.stat()
     key = f"{p}|{st.st_size}|{st.st_mtime_ns}"
+    if key in _DIGESTS:
+        return _DIGESTS[key]
     cache_file = home() / "sha256-cache.json"
     try:
         cache = json.loads(cache_file.read_text())
@@ -109,8 +119,9 @@ def file_digest(path: str | Path) -> str:
     if not isinstance(cache, dict):
         cache = {}
     if isinstance(digest := cache.get(key), str):
+        _DIGESTS[key] = digest
         return digest
-    digest = sha256_file(p)
+    digest = _DIGESTS[key] = sha256_file(p)
     cache = {k: v for k, v in cache.items() if not k.startswith(f"{p}|")} | {key: digest}
     try:
         cache_file.parent.mkdir(parents=True, exist_ok=True)
@@ -154,23 +165,10 @@ def verify_sha256(path: str | Path, expected: str) -> None:
         raise MissingAsset(f"{path}: sha256 mismatch (expected {expected}, got {actual}); the file is corrupt or not the published one")
 
 
-_DIGESTS: dict[tuple[str, int, int], str] = {}   # this process's digests, by (path, size, mtime)
-
-
 def digest_if_file(path: str | Path) -> str | None:
-    """file_digest of a regular file, remembered in this process too (a suite's cells ask for the same
-    files again and again); None for a folder or a missing path, which have no digest."""
+    """file_digest of a regular file; None for a folder or a missing path, which have no digest."""
     p = Path(path).expanduser()
-    try:
-        st = p.stat()
-    except OSError:
-        return None
-    if not p.is_file():
-        return None
-    key = (str(p.resolve()), st.st_size, st.st_mtime_ns)
-    if key not in _DIGESTS:
-        _DIGESTS[key] = file_digest(p)
-    return _DIGESTS[key]
+    return file_digest(p) if p.is_file() else None
 
 
 def declared_digests(items: list[tuple[Asset, str | Path | None]]) -> dict[str, str]:
@@ -308,18 +306,29 @@ def state_mismatch(module: torch.nn.Module, state: object) -> str | None:
     return ", ".join(parts) or None
 
 
-def load_into(module: torch.nn.Module, state: object, path: str | Path, what: str) -> torch.nn.Module:
-    """module.load_state_dict(state), strict. When the tensors do not fit, DoesNotFit in one line naming
-    the file: `PATH: does not fit WHAT: 3 missing keys (e.g. 'x'), ...; is it the published file?`
-    (`what`, e.g. "the ddpmpp architecture")."""
+def unfit(module: torch.nn.Module, state: object) -> str | None:
+    """None once `state` is loaded strictly into `module`; else why it does not fit, in a few words
+    (state_mismatch, or what load_state_dict itself refused)."""
     problem = state_mismatch(module, state)
     if problem is None:
         try:
             module.load_state_dict(state, strict=True)
-            return module
-        except (RuntimeError, TypeError, ValueError) as exc:   # what the key and shape check cannot see
+        except (RuntimeError, TypeError, ValueError, AttributeError) as exc:   # beyond the key and shape check
             problem = _reason(exc)
-    raise DoesNotFit(f"{path}: does not fit {what}: {problem}; is it the published file?")
+    return problem
+
+
+def does_not_fit(path: str | Path, what: str, problem: str) -> DoesNotFit:
+    """The one line for a checkpoint that does not fit: `PATH: does not fit WHAT: PROBLEM; is it the published file?`."""
+    return DoesNotFit(f"{path}: does not fit {what}: {problem}; is it the published file?")
+
+
+def load_into(module: torch.nn.Module, state: object, path: str | Path, what: str) -> torch.nn.Module:
+    """module.load_state_dict(state), strict; DoesNotFit in one line naming the file when the tensors do
+    not fit (`what`, e.g. "the ddpmpp architecture")."""
+    if (problem := unfit(module, state)) is not None:
+        raise does_not_fit(path, what, problem)
+    return module
 
 
 def suite_assets(suite, path: str) -> list[tuple[str, Asset, Path]]:

@@ -74,7 +74,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     import sqlite3
 
     from benchkit import outdir, resolve
-    from benchkit.store import Store
+    from benchkit.store import Store, files
 
     resolved = resolve.load(args.suite, seed=args.seed)   # --seed: error bars, one folder per seed
     suite = resolved.suite
@@ -88,8 +88,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         if args.fresh:
             if db.is_dir():
                 raise BadInput(f"{db}: a folder, not a results file: --fresh removes only files; move it away")
-            for suffix in ("", "-wal", "-shm"):
-                Path(f"{db}{suffix}").unlink(missing_ok=True)
+            for f in files(db):
+                f.unlink(missing_ok=True)
         new, store = not db.exists(), None
         try:
             store = Store(db)
@@ -99,7 +99,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             if new and store is not None and not store.runs():   # refused before storing anything: no trace
                 store.close()
                 store = None
-                claimed.discard([Path(f"{db}{suffix}") for suffix in ("", "-wal", "-shm")])
+                claimed.discard(files(db))
             raise
         except (OSError, sqlite3.Error) as exc:
             if not outdir.is_disk_full(exc):
@@ -196,14 +196,18 @@ def cmd_assets(args: argparse.Namespace) -> int:
         for line in checklist(items) or [f"{path}: no files needed beyond the installed packages"]:
             print(printable(line))
         missing |= {p: asset for _, asset, p in items if not p.exists()}
-    if missing:
-        auto = sum(1 for a in missing.values() if a.url or a.archive)
-        manual = len(missing) - auto
-        fetch = f"`benchkit assets {' '.join(args.suites)} --download` fetches {'them' if not manual else auto}"
-        raise BadInput(f"{len(missing)} file(s) missing: " + (
-            fetch if not manual else f"{fetch}; {manual} need a manual step (see where each is published)" if auto
-            else "none has a download address: get each from where it is published"))
-    return EXIT_OK
+    if not missing:
+        return EXIT_OK
+    auto = sum(1 for a in missing.values() if a.url or a.archive)
+    manual = len(missing) - auto
+    fetch = f"`benchkit assets {' '.join(args.suites)} --download` fetches"
+    if not manual:
+        what = f"{fetch} them"
+    elif auto:
+        what = f"{fetch} {auto}; {manual} need a manual step (see where each is published)"
+    else:
+        what = "none has a download address: get each from where it is published"
+    raise BadInput(f"{len(missing)} file(s) missing: {what}")
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
@@ -544,6 +548,7 @@ def _main(argv: list[str] | None, sigint: SigintWatch) -> int:
             print("benchkit: interrupted", file=sys.stderr)
             return EXIT_INTERRUPTED
         raise
+
 
 if __name__ == "__main__":
     sys.exit(main())

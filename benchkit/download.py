@@ -34,7 +34,7 @@ import zipfile
 from pathlib import Path, PurePosixPath
 from typing import IO, Iterator, TextIO
 
-from benchkit.assets import LEDGER, Asset, file_digest, home, record_digest
+from benchkit.assets import LEDGER, Asset, file_digest, hash_file, home, record_digest
 from benchkit.errors import BadInput
 
 CHUNK = 1 << 20
@@ -91,7 +91,7 @@ def _present(path: Path, asset: Asset) -> str:
     if not path.is_file():
         return ""
     problem, passed = _check(asset, path.stat().st_size, file_digest(path) if _wants_sha(asset) else None,
-                             _md5(path) if asset.md5 else None)
+                             hash_file(path, "md5") if asset.md5 else None)
     if problem:
         raise Failed(f"{path}: {problem}; delete it and run the same command again to download it anew")
     return f"  ({passed})" if passed else ""
@@ -106,13 +106,18 @@ def _fetch(path: Path, asset: Asset, progress: _Progress, out: TextIO) -> None:
     part = _part(path)
     _mkdir(path)
     with _locked(part, path) as f:
-        drive = _drive(asset.url)
-        if drive is not None:
-            _fetch_drive(asset.url, drive, path, part, f, progress)
-        else:
-            _fetch_http(asset.url, f, asset.size, path, progress)
-        f.flush()
+        _fetch_into(asset.url, f, part, path, asset.size, progress)
         _put_in_place(part, path, asset, asset.url, out)
+
+
+def _fetch_into(url: str, f: IO[bytes], part: Path, path: Path, size: int | None, progress: _Progress) -> None:
+    """Complete the locked `.part` behind `f` from `url`: through gdown for Google Drive, else HTTP."""
+    drive = _drive(url)
+    if drive is not None:
+        _fetch_drive(url, drive, path, part, f, progress)
+    else:
+        _fetch_http(url, f, size, path, progress)
+    f.flush()
 
 
 def _put_in_place(part: Path, path: Path, asset: Asset, origin: str, out: TextIO, verb: str = "fetched") -> None:
@@ -168,14 +173,6 @@ def _check(asset: Asset, size: int, sha256: str | None, md5: str | None) -> tupl
             return f"md5 mismatch (expected {asset.md5}, got {md5})", ""
         passed.append("md5 verified")
     return None, "; ".join(passed)
-
-
-def _md5(path: Path) -> str:
-    h = hashlib.md5()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(CHUNK), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _part(path: Path) -> Path:
@@ -344,27 +341,16 @@ def _fetch_drive(url: str, drive: tuple[str, str | None], path: Path, part: Path
     if drive_id is None:
         raise Failed(f"{path}: a Google Drive address without a file id: {manual}")
     quiet = not progress.tty
-    # gdown raises its own exception types (quota exceeded, permission, requests' errors) or returns
-    # None, depending on its version: any of them means Drive did not serve the file.
     if kind == "file":
         # gdown takes the (locked) .part as its own temporary file: resume=True continues it with a Range
-        try:
-            result = gdown.download(id=drive_id, output=str(part), quiet=quiet, resume=True)
-        except Exception as exc:  # noqa: BLE001 - see above
-            result, why = None, _why(exc)
-        else:
-            why = "nothing was saved"
+        result, why = _gdown(lambda: gdown.download(id=drive_id, output=str(part), quiet=quiet, resume=True))
         if not result or not part.is_file() or part.stat().st_size == 0:
             raise Failed(f"{path}: Google Drive did not serve it through gdown ({why}): {manual}")
         return
     staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
-        try:
-            result = gdown.download_folder(id=drive_id, output=str(staging), quiet=quiet, use_cookies=False)
-        except Exception as exc:  # noqa: BLE001 - see above
-            result, why = None, _why(exc)
-        else:
-            why = "nothing was saved"
+        result, why = _gdown(lambda: gdown.download_folder(id=drive_id, output=str(staging), quiet=quiet,
+                                                           use_cookies=False))
         found = sorted(p for p in staging.rglob(path.name) if p.is_file())
         if not result or not found:
             held = sorted(p.name for p in staging.rglob("*") if p.is_file())
@@ -378,6 +364,16 @@ def _fetch_drive(url: str, drive: tuple[str, str | None], path: Path, part: Path
             shutil.copyfileobj(src, f, CHUNK)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def _gdown(call) -> tuple[object, str]:
+    """(what gdown returned, why it saved nothing). gdown raises its own exception types (quota
+    exceeded, permission, requests' errors) or returns None, depending on its version: any of them
+    means Drive did not serve the file."""
+    try:
+        return call(), "nothing was saved"
+    except Exception as exc:  # noqa: BLE001 - see above
+        return None, _why(exc)
 
 
 # ---------------------------------------------------------------- archives
@@ -394,18 +390,13 @@ def _archive(url: str, members: list[tuple[Path, Asset]], progress: _Progress, o
         if not store.is_file():
             part = _part(store)
             with _locked(part, store) as f:
-                drive = _drive(url)
-                if drive is not None:
-                    _fetch_drive(url, drive, store, part, f, progress)
-                else:
-                    _fetch_http(url, f, None, store, progress)
-                f.flush()
-                if first.archive_md5 and (got := _md5(part)) != first.archive_md5:
+                _fetch_into(url, f, part, store, None, progress)
+                if first.archive_md5 and (got := hash_file(part, "md5")) != first.archive_md5:
                     part.unlink(missing_ok=True)
                     raise Failed(f"{store}: md5 mismatch of the archive {url} (expected {first.archive_md5}, got "
                                  f"{got}); it was deleted: run the same command again")
                 os.replace(part, store)
-        elif first.archive_md5 and (got := _md5(store)) != first.archive_md5:
+        elif first.archive_md5 and (got := hash_file(store, "md5")) != first.archive_md5:
             store.unlink()
             raise Failed(f"{store}: md5 mismatch of the archive kept there (expected {first.archive_md5}, got {got}); "
                          "it was deleted: run the same command again")

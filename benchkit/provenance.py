@@ -46,15 +46,8 @@ def files(resolved) -> dict[str, str]:
     checkpoints, the zoo's shipped weights), hashed on the driver once per file."""
     from benchkit.assets import digest_if_file
 
-    out = {}
-    for comp in resolved.components():
-        if comp.entry.assets is None:
-            continue
-        for asset, explicit in comp.entry.assets(comp.params):
-            path = Path(explicit).expanduser() if explicit else asset.path
-            if (digest := digest_if_file(path)) is not None:
-                out[str(path.resolve())] = digest
-    return out
+    return {str(path.resolve()): digest for _, _, path in resolved.assets()
+            if (digest := digest_if_file(path)) is not None}
 
 
 _ROLES = ("dataset", "classifier", "defense", "attack")

@@ -103,11 +103,7 @@ def changed_since(store: Store, key: str, cell_id: int, config: dict) -> str | N
     """What changed (provenance.config_changes) since the latest stored results of this cell key whose
     configuration differs from `config` only in file digests or plugin versions; None when there are
     none. Those results stay in the store under their own configuration."""
-    rows = store.db.execute("SELECT id, config_json FROM cells WHERE key=? AND id<>? ORDER BY id DESC", (key, cell_id))
-    for row in rows.fetchall():
-        if store.stored_images(row["id"]) and (why := config_changes(json.loads(row["config_json"]), config)):
-            return why
-    return None
+    return next((why for old in store.earlier_configs(key, cell_id) if (why := config_changes(old, config))), None)
 
 
 def stored_inputs(store: Store, cell_id: int) -> tuple[tuple, tuple]:

@@ -155,6 +155,11 @@ def _schema_after(names: frozenset[str]) -> dict[str, tuple[str, ...]]:
     return tables
 
 
+def files(path: str | Path) -> list[Path]:
+    """The store's file and the journal files SQLite keeps beside it in WAL mode."""
+    return [Path(f"{path}{suffix}") for suffix in ("", "-wal", "-shm")]
+
+
 def _require_file(path: Path) -> None:
     if path.exists() and not path.is_file():
         raise BadInput(f"{path}: not a file, so not a benchkit results store; {AWAY}")
@@ -314,6 +319,13 @@ class Store:
                 (key, config_hash, kind, classifier, defense, attack, json.dumps(config), json.dumps(variants),
                  n_images, repeats))
             return int(cur.lastrowid)
+
+    def earlier_configs(self, key: str, cell_id: int) -> list[dict]:
+        """The configurations of the other cells stored under `key` that hold results, newest first."""
+        rows = self.db.execute("SELECT config_json FROM cells WHERE key=? AND id<>? AND EXISTS "
+                               "(SELECT 1 FROM examples WHERE examples.cell_id=cells.id) ORDER BY id DESC",
+                               (key, cell_id))
+        return [json.loads(r[0]) for r in rows]
 
     def stored_images(self, cell_id: int) -> set[int]:
         return {r[0] for r in self.db.execute("SELECT DISTINCT image_index FROM examples WHERE cell_id=?", (cell_id,))}

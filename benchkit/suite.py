@@ -84,8 +84,7 @@ def _not_bool(value: Any) -> Any:
 
 
 def _finite(value: int | float) -> int | float:
-    beyond = abs(value) > sys.float_info.max if isinstance(value, int) else not math.isfinite(value)
-    if beyond:
+    if _beyond_float(value):
         raise PydanticCustomError("finite", "must be a finite number")
     return value
 
@@ -320,10 +319,7 @@ def stable_hash(obj: Any) -> str:
 # ---------------------------------------------------------------- loading
 
 def _loc(parts: tuple) -> str:
-    out = ""
-    for p in parts:
-        out += f"[{p}]" if isinstance(p, int) else (f".{p}" if out else str(p))
-    return out or "(top level)"
+    return key_suffix(parts).removeprefix(".") or "(top level)"
 
 
 # The suites shipped with benchkit (read from the checkout, as the templates are: README installs editable).

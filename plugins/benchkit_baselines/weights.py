@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from benchkit.assets import DoesNotFit, state_mismatch
+from benchkit.assets import DoesNotFit, unfit
 
 
 class Normalized(nn.Module):
@@ -26,14 +26,8 @@ class Normalized(nn.Module):
 def load_into(net: nn.Module, state: dict, path: Path, what: str) -> None:
     """net.load_state_dict(state), strict; MissingAsset naming the file when it does not fit, with
     benchkit.assets' diagnosis (`not WHAT (3 missing keys (e.g. 'x'), ...); is it the published file?`)."""
-    problem = state_mismatch(net, state)
-    if problem is None:
-        try:
-            net.load_state_dict(state)
-            return
-        except (RuntimeError, TypeError, AttributeError) as exc:   # what the key and shape check cannot see
-            problem = f"{type(exc).__name__}: {' '.join(str(exc).strip().split())[:300]}"
-    raise DoesNotFit(f"{path}: not {what} ({problem}); is it the published file?")
+    if (problem := unfit(net, state)) is not None:
+        raise DoesNotFit(f"{path}: not {what} ({problem}); is it the published file?")
 
 
 def generative_assets(*ids: str):

@@ -78,8 +78,11 @@ LAYOUT_FILES = {
 
 def files(root: Path, layout: str) -> list[tuple[Asset, Path]]:
     """Every file or folder the layout needs: (asset, its path under root)."""
-    return [(Asset(f"celebahq/{name}", SOURCES[name], url=DRIVE.get(name, (None, None))[0],
-                   md5=DRIVE.get(name, (None, None))[1]), root / name) for name in LAYOUT_FILES[layout]]
+    def asset(name: str) -> Asset:
+        url, md5 = DRIVE.get(name, (None, None))
+        return Asset(f"celebahq/{name}", SOURCES[name], url=url, md5=md5)
+
+    return [(asset(name), root / name) for name in LAYOUT_FILES[layout]]
 
 
 def _lines(path: Path) -> list[str]:

@@ -21,8 +21,6 @@ ARCHIVE_MD5 = "c58f30108f718f92721af3b95e74349a"   # the CIFAR-10 page's md5sum;
 MD5 = {"data_batch_1": "c99cafc152244af753f735de768cd75f", "data_batch_2": "d4bba439e000b95fd0a9bffe97cbabec",
        "data_batch_3": "54ebc095f3ab1f0389bbae665268c751", "data_batch_4": "634d18415352ddfa80567beed471001a",
        "data_batch_5": "482c414d41f54cd18b22e5b47cb7c3cb", "test_batch": "40351d587109b95175f43aff81a1287e"}
-TEST_ASSET = Asset("cifar10/cifar-10-batches-py/test_batch", SOURCE, size=31_035_526, md5=MD5["test_batch"],
-                   archive=ARCHIVE, member="cifar-10-batches-py/test_batch", archive_md5=ARCHIVE_MD5)
 TRAIN_FILES = [f"data_batch_{i}" for i in range(1, 6)]
 
 
@@ -45,6 +43,12 @@ def read_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
     except (pickle.UnpicklingError, EOFError, KeyError, TypeError) as exc:
         raise MissingAsset(f"{path}: not a CIFAR-10 python batch ({exc})") from None
     return np.asarray(data, dtype=np.uint8).reshape(-1, 3, 32, 32), np.asarray(labels, dtype=np.int64)
+
+
+def batch_asset(relpath: str, name: str) -> Asset:
+    """A batch file `name` (e.g. test_batch) as published: inside the archive, with torchvision's md5."""
+    return Asset(relpath, SOURCE, md5=MD5[name], archive=ARCHIVE, member=f"cifar-10-batches-py/{name}",
+                 archive_md5=ARCHIVE_MD5)
 
 
 def files(root: Path, split: str) -> list[Path]:

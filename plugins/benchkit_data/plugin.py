@@ -88,12 +88,9 @@ def cifar10(p: Cifar10Params):
 
 
 def cifar10_assets(p: Cifar10Params) -> list:
-    from benchkit.assets import Asset
     from benchkit_data import cifar10 as c
 
-    return [(Asset(str(f.relative_to(_cifar10_root(p))), c.SOURCE, md5=c.MD5[f.name], archive=c.ARCHIVE,
-                   member=f"cifar-10-batches-py/{f.name}", archive_md5=c.ARCHIVE_MD5), f)
-            for f in c.files(_cifar10_root(p), p.split)]
+    return [(c.batch_asset(str(f.relative_to(_cifar10_root(p))), f.name), f) for f in c.files(_cifar10_root(p), p.split)]
 
 
 class ImageNetParams(AuthorsSubset):

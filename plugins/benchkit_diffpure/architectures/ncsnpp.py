@@ -363,7 +363,7 @@ def load_score_sde_checkpoint(
     Any count, key or shape mismatch raises benchkit.assets.DoesNotFit (a ValueError) in one line:
     `SOURCE: does not fit WHAT: ...; is it the published file?`.
     """
-    from benchkit.assets import DoesNotFit, load_into, load_state_dict, state_mismatch
+    from benchkit.assets import DoesNotFit, does_not_fit, load_into, load_state_dict, state_mismatch
 
     where = str(source) if source is not None else _describe(path_or_state)
     if isinstance(path_or_state, (str, Path)):
@@ -375,7 +375,7 @@ def load_score_sde_checkpoint(
         state = path_or_state
 
     def unfit(problem: str) -> DoesNotFit:
-        return DoesNotFit(f"{where}: does not fit {what}: {problem}; is it the published file?")
+        return does_not_fit(where, what, problem)
 
     if not isinstance(state, Mapping):
         raise unfit(f"it holds a {type(state).__name__}, not a state dict")
