@@ -284,7 +284,7 @@ def plugin_params(kind: str, where: str, file: str, plugin: str, params: dict) -
     """One suite entry's plugin id and params (`where`: e.g. attacks[1], in `file`). The host checks
     what the user wrote around the plugin's own model: numbers a float cannot hold are refused first
     (a model turns '1e400' into inf, and 10**400 overflows when made a float), and a boolean the model
-    read as a number (`t_star: true` as 1.0) after. Only here, on the user's params: the checks
+    read as a number (`true` given for a float, as 1.0) after. Only here, on the user's params: the checks
     rebuild attacks through Entry.validate with budgets of their own. BadInput: every problem."""
     entry = registry.get(kind).get(plugin, where=f"{file}: {where}.plugin")
     prefix = f"{file}: {where}.params"

@@ -296,7 +296,7 @@ def _child(validated: Any, key: Any) -> tuple[bool, Any]:
 
 def coerced_booleans(raw: Any, validated: Any, loc: tuple = ()) -> list[tuple[tuple, bool]]:
     """(key path, value) of every boolean in `raw` that validation turned into a number: lax
-    pydantic reads `t_star: true` as 1.0. Raw and validated values are walked together, by key
+    pydantic reads `true` given for a float as 1.0. Raw and validated values are walked together, by key
     and by index, as far as their shapes agree."""
     if isinstance(raw, bool):
         return [(loc, raw)] if isinstance(validated, numbers.Number) and not isinstance(validated, bool) else []
