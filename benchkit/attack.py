@@ -96,8 +96,15 @@ class Attack:
         model itself, or e.g. a cheaper surrogate of its purifier. The host verifies on `model`."""
         return model
 
-    def params_for(self, *, eot: int | None = None, unbounded: bool = False) -> dict | None:
-        """Params overrides under which this attack draws `eot` EOT samples, or has a budget no
-        image can resist (unbounded); None when it has no such setting. Checks rebuild the attack
-        from the suite's params with these merged, and verify against the registered threat."""
+    def iterations(self) -> int | None:
+        """The attack's own iterations (steps per restart, AutoAttack's n_iter), or None if it has no
+        such setting. Bounded checks may run fewer, through params_for(iterations=k)."""
+        return None
+
+    def params_for(self, *, eot: int | None = None, unbounded: bool = False,
+                   iterations: int | None = None) -> dict | None:
+        """Params overrides under which this attack draws `eot` EOT samples, has a budget no image
+        can resist (unbounded), or runs `iterations` iterations (asked only of an attack whose
+        iterations() is not None); None when it has no such setting. Checks rebuild the attack from
+        the suite's params with these merged, and verify against the registered threat."""
         return None

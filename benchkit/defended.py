@@ -17,6 +17,7 @@ from typing import Callable, Iterable
 import torch
 from torch import Tensor, nn
 
+from benchkit.memory import Limits, in_halves
 from benchkit.noise import GLOBAL_NOISE, ImageStreams, Noise
 
 GRADIENT_MODES = ("exact", "adjoint", "bpda", "none")
@@ -93,10 +94,18 @@ class DefendedModel(nn.Module):
 
     `noise` is where the purifier's randomness comes from when a call passes none: the global RNG
     by default; while an attack runs, the host's per-image `ImageStreams` (see `for_images`).
+
+    Out of memory (benchkit.memory): a chunk of k EOT copies that runs out of memory runs as two
+    chunks of half the copies, each bound to its own copy indices, and one copy of the batch as two
+    halves of its rows, each row bound to its own stream; `limits`, shared by every view of the
+    model, keeps the smaller pass (max_batch) for the rest of the run. Only where the same noise can
+    be drawn again (ImageStreams, or a deterministic purifier); elsewhere the error is raised, and
+    the host splits the attack's images instead (benchkit.evaluate.run_attack).
     """
 
     def __init__(self, classifier: nn.Module, purifier: Purifier | None = None, *,
-                 gradient: str = "exact", max_batch: int = 256, noise: Noise | None = None):
+                 gradient: str = "exact", max_batch: int = 256, noise: Noise | None = None,
+                 limits: Limits | None = None):
         super().__init__()
         self.classifier = classifier
         self.purifier = purifier if purifier is not None else Identity()
@@ -106,8 +115,14 @@ class DefendedModel(nn.Module):
             raise ValueError(f"{type(self.purifier).__name__} does not support gradient mode {gradient!r} "
                              f"(supports {supported_modes(self.purifier)})")
         self.gradient = gradient
-        self.max_batch = max_batch
+        self._max_batch = max_batch
         self.noise = noise
+        self.limits = limits if limits is not None else Limits()
+
+    @property
+    def max_batch(self) -> int:
+        """Rows per EOT pass: the configured bound, lowered once a pass has run out of memory."""
+        return self.limits.cap("eot_rows", self._max_batch)
 
     @property
     def stochastic(self) -> bool:
@@ -115,7 +130,7 @@ class DefendedModel(nn.Module):
 
     def _view(self, **changes) -> "DefendedModel":
         kw = dict(classifier=self.classifier, purifier=self.purifier, gradient=self.gradient,
-                  max_batch=self.max_batch, noise=self.noise) | changes
+                  max_batch=self._max_batch, noise=self.noise, limits=self.limits) | changes
         return DefendedModel(kw.pop("classifier"), kw.pop("purifier"), **kw)
 
     def with_gradient(self, gradient: str) -> "DefendedModel":
@@ -132,6 +147,11 @@ class DefendedModel(nn.Module):
         with the same noise; its own gradient modes decide whether this model's mode carries over."""
         gradient = self.gradient if self.gradient in supported_modes(purifier) else "exact"
         return self._view(purifier=purifier, gradient=gradient)
+
+    def with_limits(self, limits: Limits) -> "DefendedModel":
+        """This model remembering its out-of-memory backoff in `limits` (e.g. a cell's, kept across
+        its shards)."""
+        return self._view(limits=limits)
 
     def for_images(self, x: Tensor, seeds: list[int]) -> "DefendedModel":
         """This model with one noise stream per image of x (seeded by `seeds`), whatever rows, copies
@@ -151,10 +171,37 @@ class DefendedModel(nn.Module):
             noise.bind(keys, range(start, start + k))
         return x.repeat(k, *([1] * (x.dim() - 1))) if k > 1 else x
 
+    def _replayable(self, noise: Noise | None) -> bool:
+        """Whether a pass run again draws the same noise (what splitting a pass needs)."""
+        return isinstance(noise, ImageStreams) or not self.stochastic
+
+    def _shrink(self, rows_per_unit: int):
+        """in_halves' record of a split pass, in rows."""
+        return lambda tried, to: self.limits.shrink("eot_rows", tried * rows_per_unit, to * rows_per_unit)
+
+    def _pass(self, x: Tensor, keys, noise: Noise | None, start: int, k: int, gradient: str) -> tuple[Tensor, Tensor]:
+        """(purified, logits) of k stacked copies of x (repeat-major), copies start..start+k-1. One
+        copy whose rows do not fit runs in parts of its rows, concatenated."""
+        if k == 1 and self._replayable(noise):
+            parts = [out for _, _, out in in_halves(lambda lo, hi: self._rows(x, keys, noise, start, lo, hi, gradient),
+                                                    0, x.shape[0], self._shrink(1), most=lambda: self.limits.eot_rows)]
+            if len(parts) == 1:
+                return parts[0]
+            return torch.cat([p for p, _ in parts]), torch.cat([lg for _, lg in parts])
+        purified = self.purifier.purify(self._stacked(x, keys, noise, start, k), gradient=gradient, noise=noise)
+        return purified, self.classifier(purified)
+
+    def _rows(self, x: Tensor, keys, noise: Noise | None, copy: int, lo: int, hi: int,
+              gradient: str) -> tuple[Tensor, Tensor]:
+        """(purified, logits) of rows lo..hi-1 of EOT copy `copy` of x, each row on its own stream."""
+        if isinstance(noise, ImageStreams):
+            noise.bind(keys[lo:hi], range(copy, copy + 1))
+        purified = self.purifier.purify(x if hi - lo == x.shape[0] else x[lo:hi], gradient=gradient, noise=noise)
+        return purified, self.classifier(purified)
+
     def _copies(self, x: Tensor, keys, noise: Noise | None, start: int, k: int) -> Tensor:
         """Logits of k stacked copies of x (repeat-major), copies start..start+k-1 of its EOT samples."""
-        xr = self._stacked(x, keys, noise, start, k)
-        return self.classifier(self.purifier.purify(xr, gradient=self.gradient, noise=noise))
+        return self._pass(x, keys, noise, start, k, self.gradient)[1]
 
     def _open(self, x: Tensor, noise: Noise | None):
         noise = noise or self.noise
@@ -164,13 +211,24 @@ class DefendedModel(nn.Module):
         noise, keys = self._open(x, noise)
         return self._copies(x, keys, noise, 0, 1)
 
+    def _per_pass(self, batch: int) -> int:
+        """Whole copies of a batch of `batch` rows per forward pass (at least one)."""
+        return max(1, self.max_batch // max(1, batch))
+
     def chunk_sizes(self, batch: int, n: int) -> list[int]:
         """EOT sample counts per forward pass: as many whole copies of the batch as fit max_batch."""
-        per = max(1, self.max_batch // max(1, batch))
+        per = self._per_pass(batch)
         sizes = [per] * (n // per)
         if n % per:
             sizes.append(n % per)
         return sizes
+
+    def _chunks(self, x: Tensor, n: int, noise: Noise | None, run):
+        """(start, stop, run(start, stop)) per chunk of EOT copies start..stop-1 of n, chunked as
+        chunk_sizes, each chunk sized as it starts (after a split: the remembered size); a chunk that
+        runs out of memory runs as its two halves when its noise can be drawn again."""
+        b = x.shape[0]
+        return in_halves(run, 0, n, self._shrink(b), most=lambda: self._per_pass(b), split=self._replayable(noise))
 
     def expectation(self, loss_fn: LossFn, x: Tensor, y: Tensor, n: int, *, noise: Noise | None = None) -> Tensor:
         """Mean over n EOT samples of loss_fn(logits, y) per example ([B]); differentiable in x.
@@ -180,11 +238,13 @@ class DefendedModel(nn.Module):
         total = x.new_zeros(x.shape[0])
         n_eff = n if self.stochastic else 1
         noise, keys = self._open(x, noise)
-        start = 0
-        for k in self.chunk_sizes(x.shape[0], n_eff):
-            logits = self._copies(x, keys, noise, start, k)
-            total = total + loss_fn(logits, y.repeat(k)).view(k, -1).sum(0)
-            start += k
+
+        def run(start: int, stop: int) -> Tensor:
+            k = stop - start
+            return loss_fn(self._copies(x, keys, noise, start, k), y.repeat(k)).view(k, -1).sum(0)
+
+        for _, _, part in self._chunks(x, n_eff, noise, run):
+            total = total + part
         return total / n_eff
 
     def loss_and_grad(self, loss_fn: LossFn, x: Tensor, y: Tensor, n: int, *,
@@ -199,31 +259,38 @@ class DefendedModel(nn.Module):
             return self._mean_logits_loss_and_grad(loss_fn, x, y, n, noise)
         if average != "loss":
             raise ValueError(f"average must be 'loss' or 'logits', not {average!r}")
-        b = x.shape[0]
-        return self.eot_loss_and_grad(
-            lambda xr, noise: loss_fn(self.classifier(self.purifier.purify(xr, gradient=self.gradient, noise=noise)),
-                                      y.repeat(xr.shape[0] // b)), x, n, noise=noise)
+        return self._eot_grad(lambda xk, keys, noise, start, k: loss_fn(self._copies(xk, keys, noise, start, k),
+                                                                        y.repeat(k)), x, n, noise)
 
     def eot_loss_and_grad(self, row_loss: Callable[[Tensor, Noise | None], Tensor], x: Tensor, n: int, *,
                           noise: Noise | None = None) -> tuple[Tensor, Tensor]:
         """The mean over n EOT samples of any per-row loss of stacked copies of x and its gradient
         w.r.t. x: row_loss(x_copies, noise) gets k copies of the batch (repeat-major) and the noise bound
         to them, and returns one value per row (e.g. a loss on the purifier's intermediate states).
-        One backward per chunk, so memory is bounded by the chunk, not by n."""
+        One backward per chunk, so memory is bounded by the chunk, not by n. row_loss always sees
+        whole copies: one copy that runs out of memory is raised, not split into rows."""
+        return self._eot_grad(lambda xk, keys, noise, start, k: row_loss(self._stacked(xk, keys, noise, start, k),
+                                                                         noise), x, n, noise)
+
+    def _eot_grad(self, loss_of, x: Tensor, n: int, noise: Noise | None) -> tuple[Tensor, Tensor]:
+        """The mean over n EOT samples of loss_of(x_leaf, keys, noise, start, k) (one value per row of
+        copies start..start+k-1 of x) and its gradient w.r.t. x, one backward per chunk."""
         x = x.detach()
         n_eff = n if self.stochastic else 1
         loss_total = x.new_zeros(x.shape[0])
         grad_total = torch.zeros_like(x)
         noise, keys = self._open(x, noise)
-        start = 0
-        for k in self.chunk_sizes(x.shape[0], n_eff):
+
+        def run(start: int, stop: int) -> tuple[Tensor, Tensor]:
             xk = x.clone().requires_grad_(True)
             with torch.enable_grad():
-                loss = row_loss(self._stacked(xk, keys, noise, start, k), noise)
+                loss = loss_of(xk, keys, noise, start, stop - start)
                 (g,) = torch.autograd.grad(loss.sum(), xk)
-            loss_total += loss.detach().view(k, -1).sum(0)
+            return loss.detach().view(stop - start, -1).sum(0), g
+
+        for _, _, (loss, g) in self._chunks(x, n_eff, noise, run):
+            loss_total += loss
             grad_total += g
-            start += k
         return loss_total / n_eff, grad_total / n_eff
 
     def _mean_logits_loss_and_grad(self, loss_fn: LossFn, x: Tensor, y: Tensor, n: int,
@@ -236,54 +303,56 @@ class DefendedModel(nn.Module):
         x = x.detach()
         n_eff = n if self.stochastic else 1
         noise, keys = self._open(x, noise)
-        replayable = isinstance(noise, ImageStreams) or not self.stochastic
-        if not replayable and self.gradient != "bpda":   # no way to redraw the same noise: one pass
+        bpda = self.gradient == "bpda"
+        if not self._replayable(noise) and not bpda:   # no way to redraw the same noise: one pass
             xk = x.clone().requires_grad_(True)
             with torch.enable_grad():
                 logits = self._copies(xk, keys, noise, 0, n_eff)
                 loss = loss_fn(logits.view(n_eff, x.shape[0], -1).mean(0), y)
                 (g,) = torch.autograd.grad(loss.sum(), xk)
             return loss.detach(), g
-        sizes = self.chunk_sizes(x.shape[0], n_eff)
-        total, kept = self._summed_logits(x, noise, keys, sizes, keep=self.gradient == "bpda")
-        z_bar = (total / n_eff).requires_grad_(True)
+        chunks = list(self._sample_chunks(x, noise, keys, n_eff, keep=bpda))
+        z_bar = (self._summed_logits(chunks) / n_eff).requires_grad_(True)
         with torch.enable_grad():
             loss = loss_fn(z_bar, y)
             (upstream,) = torch.autograd.grad(loss.sum(), z_bar)
         upstream = upstream / n_eff
-        grad, start = torch.zeros_like(x), 0
-        for c, k in enumerate(sizes):
-            with torch.enable_grad():
-                if self.gradient == "bpda":
-                    inp = kept[c].requires_grad_(True)
-                    logits = self.classifier(inp)
-                else:
-                    inp = x.clone().requires_grad_(True)
-                    logits = self._copies(inp, keys, noise, start, k)
-                (g,) = torch.autograd.grad(logits, inp, grad_outputs=upstream.repeat(k, 1))
-            grad += g.view(k, *x.shape).sum(0) if self.gradient == "bpda" else g
-            start += k
+        b, grad = x.shape[0], torch.zeros_like(x)
+        for first, last, kept, _ in chunks:
+            def run(start: int, stop: int, first: int = first, kept: Tensor | None = kept) -> Tensor:
+                k = stop - start
+                with torch.enable_grad():
+                    if bpda:   # copies start..stop-1 of the first pass's chunk first..last-1
+                        inp = kept[(start - first) * b:(stop - first) * b].detach().requires_grad_(True)
+                        logits = self.classifier(inp)
+                    else:
+                        inp = x.clone().requires_grad_(True)
+                        logits = self._copies(inp, keys, noise, start, k)
+                    (g,) = torch.autograd.grad(logits, inp, grad_outputs=upstream.repeat(k, 1))
+                return g.view(k, *x.shape).sum(0) if bpda else g
+
+            for _, _, g in in_halves(run, first, last, self._shrink(b)):
+                grad += g
         return loss.detach(), grad
 
     @torch.no_grad()
-    def _sample_chunks(self, x: Tensor, noise: Noise | None, keys, sizes: list[int]):
-        """(purified [k B, ...], logits [k, B, classes]) per chunk of `sizes` EOT copies, no graph."""
-        start = 0
-        for k in sizes:
-            purified = self.purifier.purify(self._stacked(x, keys, noise, start, k), gradient="none", noise=noise)
-            yield purified, self.classifier(purified).view(k, x.shape[0], -1)
-            start += k
+    def _sample_chunks(self, x: Tensor, noise: Noise | None, keys, n: int, keep: bool = False):
+        """(start, stop, purified [k B, ...] with keep else None, logits [k, B, classes]) per chunk
+        of EOT copies start..stop-1 of n, no graph."""
+        def run(start: int, stop: int):
+            purified, logits = self._pass(x, keys, noise, start, stop - start, "none")
+            return (purified if keep else None), logits.view(stop - start, x.shape[0], -1)
 
-    def _summed_logits(self, x: Tensor, noise: Noise | None, keys, sizes: list[int],
-                       keep: bool = False) -> tuple[Tensor, list[Tensor]]:
-        """The logits summed over sum(sizes) EOT samples drawn in chunks of `sizes` copies ([B,
-        classes], no graph), and with keep the purified chunks too."""
-        total, kept = None, []
-        for purified, logits in self._sample_chunks(x, noise, keys, sizes):
-            if keep:
-                kept.append(purified)
+        for start, stop, (purified, logits) in self._chunks(x, n, noise, run):
+            yield start, stop, purified, logits
+
+    @staticmethod
+    def _summed_logits(chunks) -> Tensor:
+        """The logits of _sample_chunks' chunks summed over their EOT samples ([B, classes])."""
+        total = None
+        for *_, logits in chunks:
             total = logits.sum(0) if total is None else total + logits.sum(0)
-        return total, kept
+        return total
 
     @torch.no_grad()
     def mean_logits(self, x: Tensor, n: int, *, noise: Noise | None = None) -> Tensor:
@@ -291,7 +360,7 @@ class DefendedModel(nn.Module):
         drawn like EOT samples, no gradient."""
         n_eff = n if self.stochastic else 1
         noise, keys = self._open(x, noise)
-        return self._summed_logits(x, noise, keys, self.chunk_sizes(x.shape[0], n_eff))[0] / n_eff
+        return self._summed_logits(self._sample_chunks(x, noise, keys, n_eff)) / n_eff
 
     @torch.no_grad()
     def sample_logits(self, x: Tensor, n: int, *, noise: Noise | None = None) -> Tensor:
@@ -299,15 +368,13 @@ class DefendedModel(nn.Module):
         drawn like EOT samples in large batches, no gradient."""
         n_eff = n if self.stochastic else 1
         noise, keys = self._open(x, noise)
-        return torch.cat([lg for _, lg in self._sample_chunks(x, noise, keys, self.chunk_sizes(x.shape[0], n_eff))])
+        return torch.cat([lg for *_, lg in self._sample_chunks(x, noise, keys, n_eff)])
 
     @torch.no_grad()
     def logits(self, x: Tensor, *, noise: Noise | None = None) -> Tensor:
         """Logits of one stochastic draw, no gradient machinery."""
         noise, keys = self._open(x, noise)
-        if keys is not None:
-            noise.bind(keys, range(1))
-        return self.classifier(self.purifier.purify(x, gradient="none", noise=noise))
+        return self._pass(x, keys, noise, 0, 1, "none")[1]
 
     def predict(self, x: Tensor, *, noise: Noise | None = None) -> Tensor:
         """Predicted labels, one stochastic draw."""

@@ -16,7 +16,7 @@ from typing import Callable, Iterator, Sequence
 import torch
 from torch import Tensor
 
-from benchkit import png
+from benchkit import memory, png
 from benchkit.attack import Attack, AttackContext, AttackResult
 from benchkit.defended import DefendedModel, Purifier
 from benchkit.noise import PerExampleNoise, derive_seed
@@ -35,15 +35,22 @@ def _correct(model: DefendedModel, x: Tensor, y: Tensor, seeds: list[list[int]],
     """One verdict per image (bool, on the CPU): seeds[s][i] seeds image i's s-th purification,
     combined by the protocol's `aggregate` (benchkit.protocol)."""
     n, k = x.shape[0], len(seeds)
-    # All k purifications of all images as one stream of rows (sample-major), in batch_size chunks.
+    # All k purifications of all images as one stream of rows (sample-major), in batch_size chunks;
+    # a chunk that runs out of memory runs as its halves (each row keeps its seed), and the smaller
+    # size is kept in the model's limits.
     rows = [(j, i) for j in range(k) for i in range(n)]
-    total = None
-    for s in range(0, len(rows), batch_size):
-        chunk = rows[s:s + batch_size]
-        images = torch.tensor([i for _, i in chunk], device=x.device)
-        noise = PerExampleNoise([seeds[j][i] for j, i in chunk])
+
+    def run(lo: int, hi: int) -> tuple[Tensor, Tensor]:
+        images = torch.tensor([i for _, i in rows[lo:hi]], device=x.device)
+        noise = PerExampleNoise([seeds[j][i] for j, i in rows[lo:hi]])
         with torch.inference_mode():
-            logits = model.logits(x[images], noise=noise).float()
+            return images, model.logits(x[images], noise=noise).float()
+
+    total = None
+    shrink = lambda tried, to: model.limits.shrink("verify_rows", tried, to)
+    for _, _, (images, logits) in memory.in_halves(run, 0, len(rows), shrink,
+                                                   most=lambda: model.limits.cap("verify_rows", batch_size)):
+        with torch.inference_mode():
             if total is None:
                 total = logits.new_zeros((n, logits.shape[1]))
             total.index_add_(0, images, tally(logits, aggregate))
@@ -115,30 +122,69 @@ def _variant_progress(progress: Callable[[float], None] | None, k: int, n: int) 
     return lambda done, total: progress((k + min(1.0, max(0.0, done / total))) / n)
 
 
+def _piece_progress(report: Callable[[int, int], None] | None, lo: int, hi: int, n: int
+                    ) -> Callable[[int, int], None] | None:
+    """The AttackContext receiver of an attack run on images lo..hi-1 of n: its (done, total)
+    as the share of all n images done, in images."""
+    if report is None or (lo, hi) == (0, n):
+        return report
+    return lambda done, total: report(lo * total + (hi - lo) * min(done, total), n * total)
+
+
+def _joined(pieces: list[tuple[int, int, object]], x: Tensor, threat: ThreatModel) -> AttackResult:
+    """One AttackResult from an attack's results on consecutive parts of x, each verified on its
+    own images first; stats averaged over the images (weighted by each part's count)."""
+    checked = [(lo, hi, r, *check_result(r, x[lo:hi], threat)) for lo, hi, r in pieces]
+
+    def cat(name: str) -> Tensor | None:
+        parts = [getattr(r, name) for _, _, r, _, _ in checked]
+        return None if any(p is None for p in parts) else torch.cat(parts)
+
+    stats: dict[str, float] = {}
+    for lo, hi, r, _, _ in checked:
+        for key, v in (r.stats or {}).items():
+            if isinstance(v, (int, float)):
+                stats[key] = stats.get(key, 0.0) + v * (hi - lo) / x.shape[0]
+    return AttackResult(torch.cat([a for *_, a, _ in checked]),
+                        {key: torch.cat([e[key] for *_, e in checked]) for key in checked[0][4]},
+                        stats, cat("verdict"), cat("iteration"))
+
+
 def run_attack(model: DefendedModel, attack: Attack, threat: ThreatModel, x: Tensor, y: Tensor,
                indices: Sequence[int], ctx_base: dict, seed_parts: tuple,
                progress: Callable[[float], None] | None = None) -> Iterator[tuple[str, Tensor, dict, AttackResult]]:
     """Run every variant of an attack on copies of (x, y), its randomness and the defense's seeded
     per image, and verify each returned batch against `threat` and the host's own x.
     `progress` receives the fraction of the attack done, from the variants' `ctx.progress` reports.
+    An attack that runs out of memory runs again on the two halves of the images (down to one
+    image; the smaller size is kept in the model's limits): each image keeps its noise streams, so
+    benchkit's attacks return the same examples; a library seeded once per call does not.
     Yields (variant, x_adv, extra, result)."""
     variants = attack.variants()
+    n = x.shape[0]
     for k, (variant, sub) in enumerate(variants):
         parts = (*seed_parts, variant)
-        # Only for libraries that draw from the global RNG (pyautoattack): ours draw per image.
-        torch.manual_seed(derive_seed(*parts, "global"))
-        attacked = model if sub.gradient is None else model.with_gradient(sub.gradient)
-        attacked = attacked.for_images(x, [derive_seed(*parts, i, "defense") for i in indices])
-        ctx = AttackContext(seed=derive_seed(*parts) % 2**31,
-                            noise=PerExampleNoise([derive_seed(*parts, i, "attack") for i in indices]),
-                            on_progress=_variant_progress(progress, k, len(variants)), **ctx_base)
+        base = model if sub.gradient is None else model.with_gradient(sub.gradient)
+        report = _variant_progress(progress, k, len(variants))
+
+        def run(lo: int, hi: int) -> object:
+            # Only for libraries that draw from the global RNG (pyautoattack): ours draw per image.
+            torch.manual_seed(derive_seed(*parts, "global"))
+            attacked = base.for_images(x[lo:hi], [derive_seed(*parts, i, "defense") for i in indices[lo:hi]])
+            ctx = AttackContext(seed=derive_seed(*parts) % 2**31,
+                                noise=PerExampleNoise([derive_seed(*parts, i, "attack") for i in indices[lo:hi]]),
+                                on_progress=_piece_progress(report, lo, hi, n), **ctx_base)
+            return sub.run(attacked, x[lo:hi].clone(), y[lo:hi].clone(), ctx)
+
+        shrink = lambda tried, to: model.limits.shrink("attack_images", tried, to)
         try:
-            result = sub.run(attacked, x.clone(), y.clone(), ctx)
+            pieces = list(memory.in_halves(run, 0, n, shrink, most=lambda: model.limits.attack_images))
         except CellFailure:
             raise
         except Exception as exc:
             raise CellFailure(f"{'variant ' + variant + ': ' if variant else ''}{one_line(exc)}") from exc
         try:
+            result = pieces[0][2] if len(pieces) == 1 else _joined(pieces, x, threat)
             x_adv, extra = check_result(result, x, threat)
         except CellFailure as exc:
             raise CellFailure(f"{'variant ' + variant + ' ' if variant else ''}{exc}") from None
@@ -203,6 +249,8 @@ class ShardResult:
     # The clean verdicts this shard computed (images, seconds): what an image of its group's
     # whole-split standard-accuracy cell costs, known before that cell runs (progress estimates).
     clean_cost: tuple[int, float] = (0, 0.0)
+    # What ran out of memory and was split in this shard (benchkit.memory.Limits.take; {}: nothing).
+    memory: dict = field(default_factory=dict)
 
 
 def attack_context(resolved: ResolvedSuite, comps: Components, cell: Cell) -> dict:
@@ -236,11 +284,14 @@ def evaluate_shard(resolved: ResolvedSuite, comps: Components, cell: Cell, indic
     x, y = comps.dataset(cell).get(indices)
     x, y = x.to(device), y.to(device)
     attack = comps.attacks[cell.attack.id] if cell.attack is not None else None
-    model = comps.defended(cell, attack)   # clean verdicts predict without gradients: any mode serves
+    # Clean verdicts predict without gradients: any mode serves. The cell's out-of-memory backoff
+    # (comps.memory_limits) carries over from its earlier shards in this process.
+    model = comps.defended(cell, attack)
+    limits = model.limits
     clean_flags, clean_cost = _clean(resolved, comps, cell, model, x, y, indices)
     if attack is None:
         rows = [(int(idx), "", int(y[k]), clean_flags[k], None, None, None, None) for k, idx in enumerate(indices)]
-        return ShardResult(rows, {}, time.perf_counter() - t0, clean_cost=clean_cost)
+        return ShardResult(rows, {}, time.perf_counter() - t0, clean_cost=clean_cost, memory=limits.take())
     threat = resolved.threats[cell.attack.id]
     ctx_base = attack_context(resolved, comps, cell)
     rows, stats, samples = [], {}, None
@@ -258,4 +309,4 @@ def evaluate_shard(resolved: ResolvedSuite, comps: Components, cell: Cell, indic
                          found[k]))
         stats.update({f"{variant}.{k}" if variant else k: v for k, v in (result.stats or {}).items()
                       if isinstance(v, (int, float))})
-    return ShardResult(rows, stats, time.perf_counter() - t0, samples or [], clean_cost)
+    return ShardResult(rows, stats, time.perf_counter() - t0, samples or [], clean_cost, limits.take())

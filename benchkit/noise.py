@@ -8,6 +8,7 @@ batch an image landed in.
 from __future__ import annotations
 
 import hashlib
+import math
 from typing import Sequence
 
 import torch
@@ -32,6 +33,58 @@ class Noise:
     def rand(self, shape: tuple[int, ...], *, device: torch.device | str, dtype: torch.dtype) -> Tensor:
         return torch.rand(shape, device=device, dtype=dtype)
 
+    def randn_steps(self, steps: int, shape: tuple[int, ...], *, device: torch.device | str,
+                    dtype: torch.dtype) -> Tensor:
+        """[steps, *shape]: the values of `steps` successive randn(shape) calls, drawn at once where that
+        gives the same numbers (a solver's increments, drawn up front)."""
+        # Only the global CPU generator itself: a subclass that redefines randn (a test's fixed noise)
+        # gets its own draws, and a CUDA generator's offsets differ between one draw and many.
+        if type(self).randn is Noise.randn and torch.device(device).type == "cpu" and one_call_ok(math.prod(shape)):
+            return torch.randn((steps, *shape), device=device, dtype=dtype)
+        return _stacked(lambda: self.randn(shape, device=device, dtype=dtype), steps, shape, device, dtype)
+
+
+def one_call_ok(numel: int) -> bool:
+    """Whether one CPU randn of k * numel values equals k successive randn(numel) from the same generator:
+    ATen's CPU normal fill draws all its uniforms first, then transforms them in blocks of 16 and
+    redraws the last 16 when the size is not a multiple of 16, so draws of whole blocks concatenate."""
+    return numel % 16 == 0 and numel > 0
+
+
+def _stacked(draw, steps: int, shape: tuple[int, ...], device, dtype) -> Tensor:
+    if steps == 0:
+        return torch.empty((0, *shape), device=device, dtype=dtype)
+    return torch.stack([draw() for _ in range(steps)])
+
+
+def _per_row(fn, generators: Sequence[torch.Generator], shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
+    """Row r from generators[r % len(generators)], drawn on the CPU: the generators are CPU generators,
+    and the numbers must not depend on the device (named explicitly so that a default device set with
+    torch.set_default_device cannot move the draw away from its generator)."""
+    rest, n = tuple(shape[1:]), len(generators)
+    return torch.stack([fn(rest, generator=generators[r % n], dtype=dtype, device="cpu") for r in range(shape[0])])
+
+
+def _per_row_steps(generators: Sequence[torch.Generator], steps: int, shape: tuple[int, ...],
+                   dtype: torch.dtype) -> Tensor:
+    """[steps, *shape] on the CPU, equal to `steps` successive _per_row(torch.randn, ...) draws, with one
+    randn call per generator where one_call_ok: a generator serving several rows (EOT copies laid out
+    repeat-major) draws them in row order within each step, as the step-by-step draws do."""
+    rows, rest, n = shape[0], tuple(shape[1:]), len(generators)
+    if rows == 0 or steps == 0:
+        return torch.empty((steps, *shape), dtype=dtype)
+    if not one_call_ok(math.prod(rest)):
+        return _stacked(lambda: _per_row(torch.randn, generators, shape, dtype), steps, shape, "cpu", dtype)
+    groups: dict[int, list[int]] = {}
+    for r in range(rows):
+        groups.setdefault(id(generators[r % n]), []).append(r)
+    drawn = torch.cat([torch.randn((steps, len(m), *rest), generator=generators[m[0] % n], dtype=dtype, device="cpu")
+                       for m in groups.values()], dim=1)
+    order = [r for m in groups.values() for r in m]
+    if order == list(range(rows)):
+        return drawn
+    return torch.empty_like(drawn).index_copy_(1, torch.tensor(order), drawn)
+
 
 class PerExampleNoise(Noise):
     """Row r of every draw comes from generator r % len(seeds).
@@ -47,20 +100,14 @@ class PerExampleNoise(Noise):
             g.manual_seed(int(s))
             self.generators.append(g)
 
-    def _draw(self, fn, shape: tuple[int, ...], device, dtype) -> Tensor:
-        # Drawn on the CPU whatever the run's device (the generators are CPU generators, and the
-        # numbers must not depend on the device), named explicitly so a default device set with
-        # torch.set_default_device cannot move the draw away from its generator.
-        rows, rest = shape[0], tuple(shape[1:])
-        n = len(self.generators)
-        out = torch.stack([fn(rest, generator=self.generators[r % n], dtype=dtype, device="cpu") for r in range(rows)])
-        return out.to(device)
-
     def randn(self, shape, *, device, dtype):
-        return self._draw(torch.randn, shape, device, dtype)
+        return _per_row(torch.randn, self.generators, shape, dtype).to(device)
 
     def rand(self, shape, *, device, dtype):
-        return self._draw(torch.rand, shape, device, dtype)
+        return _per_row(torch.rand, self.generators, shape, dtype).to(device)
+
+    def randn_steps(self, steps, shape, *, device, dtype):
+        return _per_row_steps(self.generators, steps, shape, dtype).to(device)
 
 
 class ImageStreams(Noise):
@@ -116,20 +163,19 @@ class ImageStreams(Noise):
                 g.manual_seed(derive_seed(self.seeds[i], call, c * mult + occ))
                 self.rows.append(g)
 
-    def _draw(self, fn, shape: tuple[int, ...], device, dtype) -> Tensor:
-        rows, rest = shape[0], tuple(shape[1:])
+    def _bound(self) -> list[torch.Generator]:
         if not self.rows:
             raise RuntimeError("ImageStreams: draw before any rows were bound (use it through DefendedModel)")
-        # CPU generators, CPU draws (see PerExampleNoise._draw), then onto the run's device.
-        out = torch.stack([fn(rest, generator=self.rows[r % len(self.rows)], dtype=dtype, device="cpu")
-                           for r in range(rows)])
-        return out.to(device)
+        return self.rows
 
     def randn(self, shape, *, device, dtype):
-        return self._draw(torch.randn, shape, device, dtype)
+        return _per_row(torch.randn, self._bound(), shape, dtype).to(device)
 
     def rand(self, shape, *, device, dtype):
-        return self._draw(torch.rand, shape, device, dtype)
+        return _per_row(torch.rand, self._bound(), shape, dtype).to(device)
+
+    def randn_steps(self, steps, shape, *, device, dtype):
+        return _per_row_steps(self._bound(), steps, shape, dtype).to(device)
 
 
 GLOBAL_NOISE = Noise()

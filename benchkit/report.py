@@ -16,7 +16,7 @@ import jinja2
 import markupsafe
 from tabulate import tabulate
 
-from benchkit import checks, metrics, plots
+from benchkit import checks, memory, metrics, plots
 from benchkit.checks import gradient_note
 from benchkit.store import Store
 from benchkit.text import printable   # also report.printable: what every terminal line and CSV field goes through
@@ -71,18 +71,38 @@ def limit_info(data: dict) -> dict | None:
             "text": f"--limit {limit}: {_range(n)} of {_range(n_of)} images per cell; not comparable with a full run"}
 
 
+def memory_lines(data: dict) -> list[str]:
+    """One line per cell whose batches ran out of memory and were split (provenance memory_backoff)."""
+    backoff = (data.get("provenance") or {}).get("memory_backoff") or {}
+    return [memory.describe(key, record) for key, record in sorted(backoff.items()) if isinstance(record, dict)]
+
+
 # Badge order: what needs attention first; skipped checks last (and muted on the page).
 _STATUS_ORDER = {"fail": 0, "pass": 1, "skipped": 2}
 
 
 def badges(cell_checks: list[dict]) -> list[dict]:
     """A cell's checks in badge order (failed, passed, skipped; stable within each), each with its
-    short label and, when failed, what to do about it."""
+    short label, what it cost and, when failed, what to do about it."""
     out = []
     for c in sorted(cell_checks, key=lambda c: _STATUS_ORDER.get(c["status"], 0)):
-        out.append(dict(c) | {"short": checks.SHORT.get(c["name"], c["name"]),
+        out.append(dict(c) | {"short": checks.SHORT.get(c["name"], c["name"]), "cost": check_cost(c),
                               "advice": checks.advice(c["name"], c["reason"]) if c["status"] == "fail" else ""})
     return out
+
+
+def check_cost(c: dict) -> str:
+    """'12.3 s, 0.08 of the cell' from a check's recorded seconds and cost ('' when not recorded)."""
+    nums = c.get("numbers") or {}
+    if nums.get("seconds") is None:
+        return ""
+    return f"{nums['seconds']:.1f} s" + (f", {nums['cost']:.2f} of the cell" if nums.get("cost") is not None else "")
+
+
+def checks_cost(cell_checks: list[dict]) -> float | None:
+    """What a cell's checks cost together, as a fraction of the cell's own seconds (None: not recorded)."""
+    costs = [c["numbers"]["cost"] for c in cell_checks if (c.get("numbers") or {}).get("cost") is not None]
+    return sum(costs) if costs else None
 
 
 def check_advice(data: dict) -> list[str]:
@@ -299,6 +319,8 @@ def table(data: dict, fmt: str = "table") -> str:
             flag = r["status"].upper()
         else:
             flag = ", ".join(f"! {f}" for f in failed) or ("ok" if r["checks"] else "no checks")
+            if (cost := checks_cost(r["checks"])) is not None:
+                flag += f" ({cost:.2f}x cell)"
         robust = r["robust"]
         body.append([r["classifier"], r["defense"], r["attack"], threat_text(r.get("threat")),
                      f"{r['n']}/{r['n_expected']}", _fmt(r["clean"]), ci_text(r["clean"]), _fmt(robust), ci_text(robust),
@@ -323,7 +345,8 @@ def table(data: dict, fmt: str = "table") -> str:
     legend = (f"Accuracy in %. ±: std over {repeats or 'the'} evaluation repeats (stochastic defenses); "
               "95% CI [lo, hi]: Wilson score interval over the n images.")
     limit = data.get("limit")
-    return "\n".join([*([printable(limit["text"])] if limit else []), text, printable(legend)])
+    return "\n".join([*([printable(limit["text"])] if limit else []), text, printable(legend),
+                      *map(printable, memory_lines(data))])
 
 
 CSV_COLUMNS = ["classifier", "defense", "attack", "row", "status", "n", "n_total", "threat", "eps",
@@ -427,7 +450,8 @@ def environment() -> jinja2.Environment:
     env.filters["acc"] = _fmt
     env.filters["ci"] = ci_text
     env.globals.update(published=published, reference_name=reference_name, verdict_text=verdict_text,
-                       gradient_note=gradient_note, threat_text=threat_text, badges=badges)
+                       gradient_note=gradient_note, threat_text=threat_text, badges=badges, memory_lines=memory_lines,
+                       checks_cost=checks_cost)
     env.filters["chart"] = lambda c: markupsafe.Markup(plots.line_chart(
         c["series"], title=c["title"], x_label=c["x_label"], y_label="accuracy (%)", y_range=(0, 100)))
     env.filters["png_uri"] = lambda b: "data:image/png;base64," + base64.b64encode(b).decode()

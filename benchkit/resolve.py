@@ -21,6 +21,7 @@ from benchkit.attack import Attack
 from benchkit.dataset import Dataset
 from benchkit.defended import DefendedModel, Purifier, default_gradient, supported_modes, unknown_modes
 from benchkit.errors import BadInput
+from benchkit.memory import Limits
 from benchkit.suite import (ComponentSpec, DatasetSpec, DefenseSpec, EvalSpec, Suite, SuiteFile, coerced_booleans,
                             key_suffix, load_suite, locate, nonfinite, parse_suite, read_suite, stable_hash)
 from benchkit.threat import ThreatModel
@@ -119,6 +120,8 @@ class Components:
     defense_gradients: dict[str, str | None] = field(default_factory=dict)
     # Clean verdicts per (group, image index, tag): every attack of a group shares them.
     clean_flags: dict[tuple, str] = field(default_factory=dict)
+    # Per cell key, what it has learnt about memory (benchkit.memory): its shards and checks start there.
+    memory_limits: dict[str, Limits] = field(default_factory=dict)
 
     def dataset(self, cell: Cell) -> Dataset:
         return self.datasets[stable_hash(cell.dataset.model_dump())]
@@ -127,7 +130,8 @@ class Components:
         purifier = self.defenses[cell.defense.id]
         gradient = ((attack.gradient if attack is not None else None) or self.defense_gradients.get(cell.defense.id)
                     or default_gradient(purifier))
-        return DefendedModel(self.classifiers[cell.classifier.id], purifier, gradient=gradient)
+        return DefendedModel(self.classifiers[cell.classifier.id], purifier, gradient=gradient,
+                             limits=self.memory_limits.setdefault(cell.key, Limits()))
 
 
 def describe_defense(spec: DefenseSpec, entry: registry.Entry | None) -> str:

@@ -15,7 +15,7 @@ import sys
 from dataclasses import dataclass, field
 from typing import Callable, Protocol
 
-from benchkit import checks, metrics
+from benchkit import checks, memory, metrics
 from benchkit.evaluate import CellFailure, ShardResult, evaluate_shard, one_line
 from benchkit.progress import CellWork, Progress
 from benchkit.provenance import config_changes
@@ -32,6 +32,8 @@ class Task:
     # checks: the cell's stored example rows and per-shard attack stats
     examples: tuple = ()
     shard_stats: tuple = ()
+    # checks: the cell's compute seconds (its stored shards'), which bound the checks' own cost
+    seconds: float = 0.0
 
 
 @dataclass
@@ -48,7 +50,8 @@ def execute(task: Task, resolved: ResolvedSuite, comps: Components,
         cell = resolved.cell(task.cell_key)
         if task.kind == "shard":
             return evaluate_shard(resolved, comps, cell, task.indices, progress)
-        return checks.run_checks(resolved, comps, cell, list(task.examples), list(task.shard_stats))
+        return checks.run_checks(resolved, comps, cell, list(task.examples), list(task.shard_stats),
+                                 cell_seconds=task.seconds)
     except CellFailure as exc:
         return Failed(str(exc))
     except Exception as exc:  # noqa: BLE001 - a plugin bug or out of memory fails the cell, not the run
@@ -169,6 +172,7 @@ def _loop(resolved: ResolvedSuite, store: Store, executor: Executor, plans: list
 def _dispatch(resolved: ResolvedSuite, store: Store, executor: Executor, plans: list[Plan], outcome: Outcome,
               progress: Progress) -> None:
     by_key = {p.cell.key: p for p in plans}
+    backoff: dict[str, dict] = {}   # per cell: what ran out of memory and was split (benchkit.memory)
     watch = getattr(executor, "watch", None)
     if watch is not None:
         watch(progress)
@@ -176,12 +180,14 @@ def _dispatch(resolved: ResolvedSuite, store: Store, executor: Executor, plans: 
     def submit_checks(p: Plan) -> None:
         if p.cell.kind == "attack":
             examples, stats = stored_inputs(store, p.cell_id)
-            executor.submit(Task("checks", p.cell.key, examples=examples, shard_stats=stats), urgent=True)
+            seconds = sum(s["seconds"] for s in store.shards(p.cell_id))
+            executor.submit(Task("checks", p.cell.key, examples=examples, shard_stats=stats, seconds=seconds),
+                            urgent=True)
 
     for p in plans:
         for shard in p.shards:
             executor.submit(Task("shard", p.cell.key, tuple(shard)))
-        if not p.shards and p.n and not store.checks(p.cell_id):
+        if not p.shards and p.n and checks.stale(store.checks(p.cell_id), resolved):
             submit_checks(p)
     while (item := executor.next()) is not None:
         task, result = item
@@ -203,6 +209,9 @@ def _dispatch(resolved: ResolvedSuite, store: Store, executor: Executor, plans: 
             progress.failed(p.cell.key)
             continue
         store.commit_shard(p.cell_id, outcome.run_id, result.rows, result.seconds, result.stats, result.samples)
+        if result.memory:
+            memory.merge(backoff.setdefault(p.cell.key, {}), result.memory)
+            store.update_provenance(outcome.run_id, {"memory_backoff": backoff})
         progress.finished(task, result.seconds, clean_cost=result.clean_cost if p.cell.kind == "attack" else None)
         p.left -= 1
         if p.left == 0:

@@ -300,6 +300,13 @@ class Store:
                 (time.time(), suite_name, suite_path, suite_hash, json.dumps(suite_json), json.dumps(provenance)))
             return int(cur.lastrowid)
 
+    def update_provenance(self, run_id: int, changes: dict) -> None:
+        """Set top-level keys of a run's provenance while it runs (e.g. memory_backoff)."""
+        with self.transaction():
+            row = self.db.execute("SELECT provenance_json FROM runs WHERE id=?", (run_id,)).fetchone()
+            self.db.execute("UPDATE runs SET provenance_json=? WHERE id=?",
+                            (json.dumps(json.loads(row[0]) | changes), run_id))
+
     def finish_run(self, run_id: int, status: str) -> None:
         with self.transaction():
             self.db.execute("UPDATE runs SET finished=?, status=? WHERE id=?", (time.time(), status, run_id))

@@ -180,6 +180,17 @@ class ReferenceSpec(_Strict):
 class ChecksSpec(_Strict):
     enabled: list[str] | Literal["all"] = "all"
     subset: Int = Field(16, ge=1, description="images used by the costlier checks")
+    cost: Literal["bounded", "full"] = Field(
+        "bounded", description="bounded: a cell's checks cost at most `budget` times the cell (fewer images or "
+                               "iterations, see benchkit.checks); full: the whole subset at the attack's own iterations")
+    budget: Float = Field(0.25, gt=0, description="with cost: bounded, the most a cell's checks may cost, as a "
+                                                  "fraction of the cell's own compute seconds")
+
+    @model_validator(mode="after")
+    def _budget_is_bounded(self) -> "ChecksSpec":
+        if self.cost == "full" and "budget" in self.model_fields_set:
+            raise ValueError("budget bounds cost: bounded only; cost: full runs every check whole")
+        return self
 
 
 class SweepSpec(_Strict):

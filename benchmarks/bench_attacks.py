@@ -65,7 +65,7 @@ CONFIGS: list[dict[str, Any]] = [
     {"name": "lowfreq", "attack": "lowfreq", "params": {}, "optional": True,
      "note": "low-frequency PGD-EOT (DCT band), exact gradients; skipped when not registered"},
     {"name": "autoattack-rand", "attack": "autoattack", "params": {"versions": ["rand"]},
-     "note": "AutoAttack rand (APGD-CE then APGD-DLR with EOT, pyautoattack; sequential EOT passes)"},
+     "note": "AutoAttack rand (APGD-CE then APGD-DLR with EOT, pyautoattack; its EOT samples in batched passes)"},
 ]
 
 DEFENSE = {"score_model": "digits-unet", "sampler": "vp-sde", "t_star": 0.1, "dt": 0.01}

@@ -86,13 +86,21 @@ def _one_line(exc: BaseException) -> str:
     return one_line(getattr(exc, "cause", None) or exc)
 
 
+def remote_task(ray, device: torch.device, fn=ray_task):
+    """`fn` as a Ray task of one CPU (and one GPU on cuda), retried when its worker dies. max_calls=0
+    lets a worker run any number of tasks and so keep the models it built (_SESSION): Ray's default
+    for a task declared with a GPU is one task per worker process, which would re-import torch and
+    rebuild every model for each shard."""
+    env = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
+    opts = {"num_cpus": 1, "num_gpus": 1 if device.type == "cuda" else 0, "max_retries": RETRIES,
+            "retry_exceptions": False, "runtime_env": {"env_vars": env}}
+    return ray.remote(max_calls=0)(fn).options(**opts)
+
+
 class RayExecutor:
     def __init__(self, resolved: ResolvedSuite, device: torch.device):
         self.ray = ray = connect(device)
-        env = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
-        opts = {"num_cpus": 1, "num_gpus": 1 if device.type == "cuda" else 0, "max_retries": RETRIES,
-                "retry_exceptions": False, "runtime_env": {"env_vars": env}}
-        self.fn = ray.remote(ray_task).options(**opts)
+        self.fn = remote_task(ray, device)
         self.args = (ray.put(resolved_dict(resolved.suite)), str(resolved.path), str(device))
         self.pending: dict = {}
 

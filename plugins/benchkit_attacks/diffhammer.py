@@ -115,8 +115,9 @@ class DiffHammer(GradientAttack):
     def eot_samples(self) -> int | None:
         return self.params.n
 
-    def params_for(self, *, eot: int | None = None, unbounded: bool = False) -> dict | None:
-        over = super().params_for(unbounded=unbounded) or {}
+    def params_for(self, *, eot: int | None = None, unbounded: bool = False,
+                   iterations: int | None = None) -> dict | None:
+        over = super().params_for(unbounded=unbounded, iterations=iterations) or {}
         return over | ({"n": eot} if eot is not None else {})
 
     def run(self, model: DefendedModel, x: Tensor, y: Tensor, ctx: AttackContext) -> AttackResult:

@@ -149,12 +149,18 @@ class GradientAttack(Attack):
     def eot_samples(self) -> int | None:
         return self.params.eot
 
-    def params_for(self, *, eot: int | None = None, unbounded: bool = False) -> dict | None:
+    def iterations(self) -> int | None:
+        return getattr(self.params, "steps", None)
+
+    def params_for(self, *, eot: int | None = None, unbounded: bool = False,
+                   iterations: int | None = None) -> dict | None:
         over: dict = {}
         if eot is not None:
             over["eot"] = eot
         if unbounded:
             over["eps"] = unbounded_eps(self.params.norm)
+        if iterations is not None:
+            over["steps"] = iterations
         return over
 
     def view(self, model: DefendedModel) -> DefendedModel:

@@ -53,7 +53,8 @@ class Square(Attack):
             x_adv = attack.perturb(x.detach().clone(), y.detach().clone())
         return AttackResult(self.threat.project(x, x_adv.detach()))
 
-    def params_for(self, *, eot: int | None = None, unbounded: bool = False) -> dict | None:
+    def params_for(self, *, eot: int | None = None, unbounded: bool = False,
+                   iterations: int | None = None) -> dict | None:
         return {"eps": 1.0 if self.params.norm == "Linf" else 1e3} if unbounded and eot is None else None
 
 

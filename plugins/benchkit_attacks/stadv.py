@@ -81,9 +81,11 @@ class StAdv(GradientAttack):
         best_flow = best_flow.clamp(-p.bound, p.bound)
         return AttackResult(warp(x, best_flow).detach(), extra={"flow": best_flow}, stats=stats.as_dict())
 
-    def params_for(self, *, eot: int | None = None, unbounded: bool = False) -> dict | None:
+    def params_for(self, *, eot: int | None = None, unbounded: bool = False,
+                   iterations: int | None = None) -> dict | None:
         # A flow of 1 moves a pixel by half the image: nothing is out of reach.
-        return ({"eot": eot} if eot is not None else {}) | ({"bound": 1.0} if unbounded else {})
+        return (({"eot": eot} if eot is not None else {}) | ({"bound": 1.0} if unbounded else {})
+                | ({"steps": iterations} if iterations is not None else {}))
 
 
 def stadv_threat(params: StAdvParams) -> StAdvFlow:

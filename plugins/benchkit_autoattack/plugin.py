@@ -10,6 +10,9 @@ Besides its two versions, pyautoattack's targeted attacks run alone as versions 
 "fab-t" (targeted FAB), each over its `n_target_classes` highest-logit wrong classes. Both are
 already part of "standard"; alone they serve where standard's other members do not apply or cost
 too much, and apgd-t alone takes EOT gradients on a stochastic defense (standard never does).
+
+Those EOT gradients run as a few large batches (BatchedEOT) instead of pyautoattack's one model call
+per sample, each sample with the noise its sequential call would have drawn: the same examples.
 """
 from __future__ import annotations
 
@@ -19,10 +22,13 @@ from typing import Literal
 
 import torch
 from pydantic import Field
+from torch import Tensor, nn
 
+from benchkit import memory
 from benchkit.attack import Attack, AttackContext, AttackResult
 from benchkit.defended import DefendedModel
 from benchkit.hookspecs import hookimpl
+from benchkit.noise import ImageStreams
 from benchkit.params import Budget, Params
 from benchkit.threat import make_threat
 
@@ -83,6 +89,82 @@ def _n_classes(model: DefendedModel, x: torch.Tensor) -> int:
         return int(model.classifier(x[:1]).shape[1])
 
 
+class BatchedEOT:
+    """A DefendedModel as APGD sees it through pyautoattack's is_tf_model hook, its EOT samples in
+    large batches.
+
+    On that path APGD calls criterion(x_adv, y[, y_target]) -> (logits, per-image loss, input gradient)
+    eot_iter times in a row at the same x_adv and averages the gradients. The first call computes all
+    eot_iter samples in DefendedModel's EOT chunks (chunk_sizes: as many copies of the batch per pass as
+    fit max_batch), the following calls hand them out in order. APGD's sum / eot_iter is then the mean of
+    exact per-sample gradients, and the logits and loss it keeps (its last call's) are the last sample's,
+    as in its sequential loop. The losses are pyautoattack's own: CE, its dlr_loss and dlr_loss_targeted.
+
+    Noise: each sample opens its own evaluation of the ImageStreams, as each of the sequential loop's model
+    calls did, so sample s draws exactly the noise its sequential call would have drawn. A deterministic
+    defense is evaluated once and that sample handed out eot_iter times (as DefendedModel's EOT does).
+    """
+
+    def __init__(self, model: DefendedModel, apgd) -> None:
+        self.model, self.apgd = model, apgd
+        self._queue: list[tuple[Tensor, Tensor, Tensor]] = []
+        self._at: tuple = ()   # (x, y, y_target, loss) the queued samples were drawn for
+
+    def predict(self, x: Tensor) -> Tensor:
+        """APGD's clean prediction on this path: one model call, as on the other."""
+        return self.model(x)
+
+    def get_logits_loss_grad_xent(self, x: Tensor, y: Tensor):
+        return self._next(x, y, "ce")
+
+    def get_logits_loss_grad_dlr(self, x: Tensor, y: Tensor):
+        return self._next(x, y, "dlr")
+
+    def get_logits_loss_grad_target(self, x: Tensor, y: Tensor, y_target: Tensor):
+        return self._next(x, y, "dlr-targeted")
+
+    def _next(self, x: Tensor, y: Tensor, loss: str) -> tuple[Tensor, Tensor, Tensor]:
+        at = (x, y, self.apgd.y_target, loss)
+        # The same tensors (identity: APGD makes a new x_adv per iterate) and loss: the next queued sample.
+        if not (self._queue and all(a is b for a, b in zip(at[:3], self._at)) and self._at[3] == loss):
+            self._queue, self._at = self._samples(x, y, loss), at
+        return self._queue.pop(0)
+
+    def _samples(self, x: Tensor, y: Tensor, loss: str) -> list[tuple[Tensor, Tensor, Tensor]]:
+        """(logits, loss, gradient) of each of the eot_iter samples at x, in sample order."""
+        # pyautoattack's own losses, as its other path picks them (dlr_loss_targeted reads apgd.y_target)
+        criterion = (nn.CrossEntropyLoss(reduction="none") if loss == "ce" else
+                     self.apgd.dlr_loss if loss == "dlr" else self.apgd.dlr_loss_targeted)
+        m, n, b = self.model, self.apgd.eot_iter, x.shape[0]
+        noise = m.noise
+        streams = isinstance(noise, ImageStreams)
+        keys = [noise.open(x) for _ in range(n)] if streams else None
+        n_eff = n if m.stochastic else 1
+
+        def run(start: int, stop: int) -> list[tuple[Tensor, Tensor, Tensor]]:
+            k = stop - start
+            if streams:   # copy c of this pass is sample start + c: its own evaluation's rows
+                noise.bind([row for sample in keys[start:stop] for row in sample], range(1))
+            xr = x.detach().repeat(k, *([1] * (x.dim() - 1))).requires_grad_(True)
+            with torch.enable_grad():
+                logits = m.classifier(m.purifier.purify(xr, gradient=m.gradient, noise=noise))
+                losses = [criterion(z, y) for z in logits.view(k, b, -1)]   # per sample, as APGD calls it
+                (g,) = torch.autograd.grad(torch.stack(losses).sum(), xr)
+            return [(logits[c * b:(c + 1) * b].detach(), losses[c].detach(), g[c * b:(c + 1) * b]) for c in range(k)]
+
+        # As DefendedModel's EOT passes: whole copies of the batch up to max_batch rows, a pass that runs
+        # out of memory run as its halves (the samples' noise can be drawn again), the size remembered.
+        out = [sample for _, _, part in memory.in_halves(
+            run, 0, n_eff, lambda tried, to: m.limits.shrink("eot_rows", tried * b, to * b),
+            most=lambda: max(1, m.max_batch // b), split=streams or not m.stochastic) for sample in part]
+        return out if n_eff == n else out * n
+
+
+def _batch_eot(apgd, model: DefendedModel) -> None:
+    """Route an APGD's EOT loop through BatchedEOT (pyautoattack's is_tf_model hook)."""
+    apgd.model, apgd.is_tf_model = BatchedEOT(model, apgd), True
+
+
 class AutoAttackVersion(Attack):
     def __init__(self, norm: str, eps: float, version: str, eot: int, n_queries: int, n_iter: int = 100,
                  n_target_classes: int = 9):
@@ -102,9 +184,11 @@ class AutoAttackVersion(Attack):
         adversary.verbose = False
         if self.version == "rand":
             adversary.apgd.eot_iter = self.eot
+            _batch_eot(adversary.apgd, model)
         if self.version == "apgd-t" and model.stochastic:
             # As rand does for APGD: average gradients over EOT draws of a randomised defense.
             adversary.apgd_targeted.eot_iter = self.eot
+            _batch_eot(adversary.apgd_targeted, model)
         if self.version in ("standard", *TARGETED):
             # pyautoattack indexes the target_class-th highest logit: more targets than wrong
             # classes would index past the classes.
@@ -142,12 +226,19 @@ class AutoAttackSuite(Attack):
         # EOT samples.
         return self.params.eot if {"rand", "apgd-t"} & set(self.params.versions) else None
 
-    def params_for(self, *, eot: int | None = None, unbounded: bool = False) -> dict | None:
+    def iterations(self) -> int | None:
+        # APGD's, APGD-T's and FAB's; Square's queries stay as set.
+        return self.params.n_iter
+
+    def params_for(self, *, eot: int | None = None, unbounded: bool = False,
+                   iterations: int | None = None) -> dict | None:
         over: dict = {}
         if eot is not None:
             over["eot"] = eot
         if unbounded:
             over["eps"] = 1.0 if self.params.norm == "Linf" else 1e3
+        if iterations is not None:
+            over["n_iter"] = iterations
         return over
 
 

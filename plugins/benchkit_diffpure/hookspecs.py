@@ -17,6 +17,7 @@ def register_score_models(register):
     ``factory(params)`` returns a ``benchkit_diffpure.score.ScoreModel``, or, so that a plugin need
     not import this one, a continuous-time VP-SDE noise predictor: an ``nn.Module`` called as
     ``net(x, t_label)`` on [-1, 1] images with a float attribute ``TIME_SCALE`` (``t_label =
-    TIME_SCALE * t``, beta from 0.1 to 20), which DiffPure wraps in ``ContinuousTimeScore``.
+    TIME_SCALE * t``, beta from 0.1 to 20), which DiffPure wraps in ``ContinuousTimeScore``, applying
+    the ``precision`` and ``compile`` fields of the params model where it declares them.
     Defenses such as DiffPure look score models up by id.
     """

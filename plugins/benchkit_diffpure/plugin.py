@@ -69,7 +69,11 @@ class CheckpointParams(Params):
                                                             "published size and sha256)")
     precision: Literal["fp32", "fp16", "bf16"] = Field(
         "fp32", description="network arithmetic (torch.autocast; eps returned in float32). The authors run "
-                            "ImageNet's ADM in fp16 (use_fp16), CIFAR-10 and CelebA-HQ in fp32")
+                            "ImageNet's ADM in fp16 (use_fp16), CIFAR-10 and CelebA-HQ in fp32. On a CPU with "
+                            "AMX bf16 is faster and fp16 slower (README, Performance)")
+    compile: bool = Field(False, description="torch.compile the network (inductor): the first call compiles "
+                                             "(seconds to minutes), later ones are faster on CPU (README, "
+                                             "Performance); outputs agree with eager to float round-off")
 
 
 def _checkpoint(asset: Asset, p: CheckpointParams) -> tuple[Path, Any]:
@@ -94,7 +98,7 @@ def ddpmpp(p: CheckpointParams):
     path, state = _checkpoint(DDPMPP_ASSET, p)
     net = _architecture(NCSNpp.from_config, p.config or DDPMPP_CONFIG, "ddpmpp")
     load_score_sde_checkpoint(net, state, source=path, what="the ddpmpp architecture")
-    return ContinuousTimeScore(net, precision=p.precision)
+    return ContinuousTimeScore(net, precision=p.precision, compile=p.compile)
 
 
 def adm(p: CheckpointParams):
@@ -104,7 +108,7 @@ def adm(p: CheckpointParams):
     path, state = _checkpoint(ADM_ASSET, p)
     net = _architecture(GuidedUNet.from_config, p.config or ADM_CONFIG, "adm")
     load_into(net, state, path, "the adm architecture")
-    return DiscreteTimeScore(net, eps_channels=3, precision=p.precision)
+    return DiscreteTimeScore(net, eps_channels=3, precision=p.precision, compile=p.compile)
 
 
 def ddpm(p: CheckpointParams):
@@ -119,22 +123,26 @@ def ddpm(p: CheckpointParams):
     if isinstance(state, dict):
         state = {k.removeprefix("module.") if isinstance(k, str) else k: v for k, v in state.items()}
     load_into(net, state, path, "the ddpm architecture")
-    return DiscreteTimeScore(net, eps_channels=3, precision=p.precision)
+    return DiscreteTimeScore(net, eps_channels=3, precision=p.precision, compile=p.compile)
 
 
 def build_score_model(id: str, params: dict[str, Any]) -> ScoreModel:
     """The registered score model `id` as a ScoreModel: a plain noise predictor registered by
-    another plugin (see hookspecs.register_score_models) is wrapped in ContinuousTimeScore."""
+    another plugin (see hookspecs.register_score_models) is wrapped in ContinuousTimeScore, with the
+    wrapper's options `precision` and `compile` where its params model declares them."""
     from benchkit_diffpure.score import ContinuousTimeScore, ScoreModel
 
-    model = registry.get("score-models").get(id).build(params)
+    entry = registry.get("score-models").get(id)
+    p = entry.validate(params, "params")
+    model = entry.build(p)
     if isinstance(model, ScoreModel):
         return model
     scale = getattr(model, "TIME_SCALE", None)
     if not isinstance(model, torch.nn.Module) or scale is None:
         raise BadInput(f"score model '{id}': its factory returned {type(model).__name__}, neither a ScoreModel "
                        "nor an nn.Module noise predictor with a TIME_SCALE attribute")
-    return ContinuousTimeScore(model, label_scale=float(scale))
+    return ContinuousTimeScore(model, label_scale=float(scale), precision=getattr(p, "precision", "fp32"),
+                               compile=getattr(p, "compile", False))
 
 
 class DiffPureParams(Params):

@@ -38,7 +38,7 @@ class ScoreModel(nn.Module):
 
     def score(self, x: Tensor, t: Tensor) -> Tensor:
         std = sde.marginal_std(t).to(x.dtype).view(-1, *([1] * (x.dim() - 1)))
-        return -self.eps(x, t) / std
+        return sde.score_of_eps(self.eps(x, t), std)
 
 
 def _autocast(x: Tensor, precision: Precision):
@@ -49,13 +49,23 @@ def _autocast(x: Tensor, precision: Precision):
     return nullcontext() if dtype is None else torch.autocast(x.device.type, dtype=dtype)
 
 
+def _compile(net: nn.Module) -> None:
+    """torch.compile (inductor) of the network's forward, in place: Module.compile keeps the state dict's
+    keys. dynamic=None: the first batch size gets a static graph, the next one a dynamic-shape graph that
+    then serves every size, so EOT groups and last shards of other sizes do not recompile each time
+    (grad mode and autocast are guarded too: a few graphs per model in all)."""
+    net.compile(dynamic=None)
+
+
 class _Wrapped(ScoreModel):
-    def __init__(self, net: nn.Module, precision: Precision):
+    def __init__(self, net: nn.Module, precision: Precision, compile: bool = False):
         super().__init__()
         if precision not in _DTYPES:
             raise ValueError(f"unknown precision {precision!r}; expected one of {tuple(_DTYPES)}")
         # Frozen and in eval mode from the start: dropout off, no parameter gradients ever.
-        self.net, self.precision = net.eval().requires_grad_(False), precision
+        self.net, self.precision, self.compiled = net.eval().requires_grad_(False), precision, compile
+        if compile:
+            _compile(self.net)
 
     def _call(self, x: Tensor, label: Tensor) -> Tensor:
         with _autocast(x, self.precision):
@@ -66,8 +76,9 @@ class _Wrapped(ScoreModel):
 class ContinuousTimeScore(_Wrapped):
     """Networks trained on continuous t that take the label t * 999 (score_sde DDPM++, digits-unet)."""
 
-    def __init__(self, net: nn.Module, label_scale: float = 999.0, precision: Precision = "fp32"):
-        super().__init__(net, precision)
+    def __init__(self, net: nn.Module, label_scale: float = 999.0, precision: Precision = "fp32",
+                 compile: bool = False):
+        super().__init__(net, precision, compile)
         self.label_scale = label_scale
 
     def eps(self, x: Tensor, t: Tensor) -> Tensor:
@@ -84,8 +95,8 @@ class DiscreteTimeScore(_Wrapped):
     discrete_time = True
 
     def __init__(self, net: nn.Module, eps_channels: int = 3, steps: int = sde.DISCRETE_STEPS,
-                 precision: Precision = "fp32"):
-        super().__init__(net, precision)
+                 precision: Precision = "fp32", compile: bool = False):
+        super().__init__(net, precision, compile)
         self.eps_channels, self.steps = eps_channels, steps
 
     def eps_index(self, x: Tensor, index: Tensor) -> Tensor:

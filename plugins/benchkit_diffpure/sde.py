@@ -64,6 +64,11 @@ def diffuse(x0: Tensor, alpha_bar: Tensor, noise: Tensor) -> Tensor:
     return a.sqrt() * x0 + (1.0 - a).sqrt() * noise
 
 
+def score_of_eps(eps: Tensor, std: Tensor) -> Tensor:
+    """The forward marginal's score from a noise prediction: s(x, t) = -eps(x, t)/std(t)."""
+    return -eps / std
+
+
 def to_centered(x01: Tensor) -> Tensor:
     return 2.0 * x01 - 1.0
 

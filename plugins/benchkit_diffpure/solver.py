@@ -27,7 +27,9 @@ on the integer levels ceil(K_i (N - k)/N); N = K_i is the reference's full chain
 level - 1; a continuous-time model t = level/1000 (ScoreModel.eps_index).
 
 Gradients:
-  none     no_grad loop, noise drawn step by step
+  none     the same steps in inference mode, each step's coefficients tabulated up front (ReverseField.table,
+           DiscreteChain.coef) and the increments drawn many steps per call (Noise.randn_steps: the same
+           numbers as step-by-step draws)
   exact    one autograd.Function over the whole solve that saves only the N input states (and the
            pre-drawn increments) and recomputes each step's network call in backward (any sampler)
   autograd plain autograd through the unrolled loop (reference for tests; memory grows with activations)
@@ -40,7 +42,7 @@ ddim (eta > 0) draw none for their last step, whose noise the reference masks ou
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Iterator, NamedTuple, Sequence
 
 import torch
 import torchsde
@@ -75,8 +77,22 @@ def _col(v: Tensor, x: Tensor) -> Tensor:
     return v.view(-1, *([1] * (x.dim() - 1)))
 
 
+class StepCoefficients(NamedTuple):
+    """What a step of a continuous sampler needs per image ([B] each): the forward time t at which the
+    score is taken, std(t), beta(t) (vp samplers), the network's step index (discrete-time networks)
+    and the diffusion G with sqrt(h) folded in (None for the ODE)."""
+    t: Tensor
+    std: Tensor
+    beta: Tensor | None
+    index: Tensor | None
+    g: Tensor | None
+
+
 class ReverseField:
-    """Drift F and diffusion G of one continuous sampler per unit of the step index s (see module docstring)."""
+    """Drift F and diffusion G of one continuous sampler per unit of the step index s (see module docstring).
+
+    The coefficients of every step are tabulated up front (`table`), with the same arithmetic as at any
+    other s (`coefficients`), which torchsde's adjoint evaluates at its own (tensor) times."""
 
     def __init__(self, model: ScoreModel, sampler: str, t_star: Tensor, n_steps: int, x_a: Tensor | None = None,
                  ld_sigma2: float = 100.0, ld_lambda: float = 0.1, ld_eta: float = 1.0):
@@ -90,49 +106,53 @@ class ReverseField:
         self.noise_steps = 0 if sampler == "vp-ode" else n_steps
         # Integer levels K_i = t*_i 1000 for a discrete-time network (ld-sde calls it at a fixed step).
         self.levels = sde.levels_of(t_star) if model.discrete_time and sampler != "ld-sde" else None
+        # ld-sde's coefficients do not depend on s.
+        self.table = ([self.coefficients(0.0)] * n_steps if sampler == "ld-sde" else
+                      [self.coefficients(float(k)) for k in range(n_steps)])
 
     def time(self, s: Tensor | float) -> Tensor:
         """Forward time t_i(s) = t*_i (1 - s/N) per image, kept >= T_EPS."""
         return (self.t_star * (1.0 - s / self.n)).clamp_min(T_EPS)
 
-    def _score(self, s: Tensor | float, x: Tensor, t: Tensor) -> Tensor:
-        if not self.model.discrete_time:
-            return self.model.score(x, t)
-        if self.sampler == "ld-sde":
-            index = torch.full_like(self.t_star, sde.LD_SCORE_INDEX, dtype=torch.long)
-        else:  # floor(t_i(s) 1000) = floor(K_i (N - s)/N), in integers (s is on the integer grid)
-            index = (self.levels * (self.n - round(float(s)))) // self.n
-        std = _col(sde.marginal_std(t).to(x.dtype), x)
-        return -self.model.eps_index(x, index) / std
+    def coefficients(self, s: Tensor | float) -> StepCoefficients:
+        if self.sampler == "ld-sde":  # Eq. 26's score s(x, 0), taken at LD_SCORE_TIME (sde.py)
+            t = torch.full_like(self.t_star, sde.LD_SCORE_TIME)
+            index = torch.full_like(self.t_star, sde.LD_SCORE_INDEX, dtype=torch.long) if self.model.discrete_time else None
+            return StepCoefficients(t, sde.marginal_std(t), None, index,
+                                    sde.langevin_diffusion(self.lam, self.eta) * self.h.sqrt())
+        t = self.time(s)
+        beta_t = sde.beta(t)
+        # floor(t_i(s) 1000) = floor(K_i (N - s)/N), in integers (s is on the integer grid)
+        index = None if self.levels is None else (self.levels * (self.n - round(float(s)))) // self.n
+        g = None if self.sampler == "vp-ode" else sde.reverse_sde_diffusion(beta_t * self.h)
+        return StepCoefficients(t, sde.marginal_std(t), beta_t, index, g)
 
-    def drift(self, s: Tensor | float, x: Tensor, x_a: Tensor | None = None) -> Tensor:
+    def _drift(self, c: StepCoefficients, x: Tensor, x_a: Tensor | None) -> Tensor:
         h = _col(self.h, x)
+        eps = self.model.eps(x, c.t) if c.index is None else self.model.eps_index(x, c.index)
+        score = sde.score_of_eps(eps, _col(c.std, x))
         if self.sampler == "ld-sde":
             x_a = (self.x_a if x_a is None else x_a).view_as(x)
-            t0 = torch.full_like(self.t_star, sde.LD_SCORE_TIME)
-            return h * sde.langevin_drift(x, x_a, self._score(s, x, t0), self.lam, self.sigma2)
-        t = self.time(s)
-        beta_t = _col(sde.beta(t), x)
-        score = self._score(s, x, t)
+            return h * sde.langevin_drift(x, x_a, score, self.lam, self.sigma2)
+        beta_t = _col(c.beta, x)
         # dt < 0 in forward time: x(t - h) = x(t) - f(x, t) h.
         if self.sampler == "vp-sde":
-            return -h * sde.reverse_sde_drift(x, t, score, beta_t)
-        return -h * sde.probability_flow_drift(x, t, score, beta_t)
+            return -h * sde.reverse_sde_drift(x, c.t, score, beta_t)
+        return -h * sde.probability_flow_drift(x, c.t, score, beta_t)
+
+    def drift(self, s: Tensor | float, x: Tensor, x_a: Tensor | None = None) -> Tensor:
+        return self._drift(self.coefficients(s), x, x_a)
 
     def diffusion(self, s: Tensor | float, x: Tensor) -> Tensor | None:
         """G with sqrt(h) folded in ([B, 1, ...]), or None for the ODE."""
-        h = _col(self.h, x)
-        if self.sampler == "vp-ode":
-            return None
-        if self.sampler == "ld-sde":
-            return sde.langevin_diffusion(self.lam, self.eta) * h.sqrt()
-        return sde.reverse_sde_diffusion(_col(sde.beta(self.time(s)), x) * h)
+        g = self.coefficients(s).g
+        return None if g is None else _col(g, x)
 
     def step(self, k: int, x: Tensor, z: Tensor | None, x_a: Tensor | None = None) -> Tensor:
         """One Euler(-Maruyama) step from s = k to k + 1."""
-        x_next = x + self.drift(float(k), x, x_a)
-        g = self.diffusion(float(k), x)
-        return x_next if g is None or z is None else x_next + g * z
+        c = self.table[k]
+        x_next = x + self._drift(c, x, x_a)
+        return x_next if c.g is None or z is None else x_next + _col(c.g, x) * z
 
 
 class DiscreteChain:
@@ -273,6 +293,52 @@ def _adjoint(field: ReverseField, zs: Tensor | None, x: Tensor) -> Tensor:
     return ys[-1].view(shape)
 
 
+# Increments are drawn this many bytes at a time: one draw per generator for a small problem, a bounded
+# transient for a large one (ImageNet: 3 MiB per image and step).
+NOISE_CHUNK_BYTES = 64 << 20
+
+
+def _increment_chunks(field, x: Tensor, noise: Noise) -> Iterator[tuple[int, Tensor]]:
+    """(first step, [steps, *x.shape]) for the noisy steps, NOISE_CHUNK_BYTES at a time."""
+    chunk = max(1, NOISE_CHUNK_BYTES // max(1, x.numel() * x.element_size()))
+    for start in range(0, field.noise_steps, chunk):
+        steps = min(chunk, field.noise_steps - start)
+        yield start, noise.randn_steps(steps, tuple(x.shape), device=x.device, dtype=x.dtype)
+
+
+def _increments(field, x: Tensor, noise: Noise) -> Iterator[Tensor | None]:
+    """z_k for k = 0..N-1, None for the noise-free steps."""
+    for _, zs in _increment_chunks(field, x, noise):
+        yield from zs
+    for _ in range(field.noise_steps, field.n):
+        yield None
+
+
+def _all_increments(field, x: Tensor, noise: Noise) -> Tensor | None:
+    """[noise_steps, *x.shape], the same values as _increments."""
+    if not field.noise_steps:
+        return None
+    out = x.new_empty((field.noise_steps, *x.shape))
+    for start, zs in _increment_chunks(field, x, noise):
+        out[start:start + len(zs)] = zs
+    return out
+
+
+def _solve_no_grad(field, x: Tensor, noise: Noise, snapshots: Sequence[int]) -> Tensor | tuple[Tensor, list[Tensor]]:
+    """The steps of the other modes (the same values), in inference mode with the noise drawn in chunks."""
+    kept: dict[int, Tensor] = {}
+    with torch.inference_mode():
+        for k, z in enumerate(_increments(field, x, noise)):
+            if k in snapshots:
+                kept[k] = x
+            x = field.step(k, x, z)
+    kept[field.n] = x
+    # Back to ordinary tensors: the host purifies inside autograd contexts (bpda, a classifier whose
+    # parameters want gradients), where an inference tensor cannot be saved for backward.
+    kept = {k: v.clone() if v.is_inference() else v for k, v in kept.items()}
+    return (kept[field.n], [kept[k] for k in snapshots]) if snapshots else kept[field.n]
+
+
 def integrate(model: ScoreModel, x: Tensor, t_star: Tensor | float, *, sampler: str = "vp-sde",
               n_steps: int | None = None, dt: float = 1e-3, gradient: str = "none", noise: Noise | None = None,
               x_a: Tensor | None = None, ld_sigma2: float = 100.0, ld_lambda: float = 0.1, ld_eta: float = 1.0,
@@ -306,26 +372,13 @@ def integrate(model: ScoreModel, x: Tensor, t_star: Tensor | float, *, sampler: 
                              ld_sigma2, ld_lambda, ld_eta)
     n = field.n
 
-    def draw() -> Tensor:
-        return noise.randn(tuple(x.shape), device=x.device, dtype=x.dtype)
-
     if gradient == "none":
-        kept: dict[int, Tensor] = {}
-        with torch.no_grad():
-            for k in range(n):
-                kept[k] = x if k in snapshots else None
-                x = field.step(k, x, draw() if k < field.noise_steps else None)
-        kept[n] = x
-        return (x, [kept[k] for k in snapshots]) if snapshots else x
+        return _solve_no_grad(field, x, noise, snapshots)
     if snapshots:
         raise ValueError("snapshots are only available with gradient='none' (snapshots_grad: exact)")
     if snapshots_grad and (gradient != "exact" or any(not 0 <= k <= n for k in snapshots_grad)):
         raise ValueError(f"snapshots_grad needs gradient='exact' and steps in 0..{n}, got {gradient!r}, {snapshots_grad}")
-    zs = None
-    if field.noise_steps:  # drawn up front (same order as above) so that backward replays the sampled path
-        zs = x.new_empty((field.noise_steps, *x.shape))
-        for k in range(field.noise_steps):
-            zs[k] = draw()
+    zs = _all_increments(field, x, noise)  # up front, so that backward replays the sampled path
     if gradient == "exact" and snapshots_grad:
         # Segment-wise (DiffAttack's memory bound): one checkpointed node per segment between the
         # requested states, so a loss on every state backpropagates through each step once.

@@ -8,9 +8,13 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import Literal
+
+from pydantic import Field
 
 from benchkit.errors import BadInput
 from benchkit.hookspecs import hookimpl
+from benchkit.params import Params
 
 
 def _load(name: str):
@@ -37,10 +41,16 @@ def register_classifiers(register):
                          "benchkit_zoo recipe, shipped weights)")
 
 
+class ScoreNetParams(Params):
+    """The options DiffPure's wrapper applies to a plain noise predictor (benchkit_diffpure.score)."""
+    precision: Literal["fp32", "fp16", "bf16"] = Field("fp32", description="network arithmetic (torch.autocast)")
+    compile: bool = Field(False, description="torch.compile the network (inductor; the first call compiles)")
+
+
 @hookimpl(optionalhook=True)
 def register_score_models(register):
     # A plain noise predictor with TIME_SCALE: DiffPure wraps it (see benchkit_diffpure.hookspecs).
-    register("digits-unet", lambda params: _load("digits-unet"), assets=_shipped("digits-unet"),
+    register("digits-unet", lambda params: _load("digits-unet"), params=ScoreNetParams, assets=_shipped("digits-unet"),
              description="small score U-Net trained on the digits train split (benchkit_zoo recipe, shipped)")
 
 
