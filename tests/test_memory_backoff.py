@@ -298,8 +298,9 @@ def test_a_run_that_runs_out_of_memory_finishes_with_the_same_rows(tmp_path, oom
     assert record["attack_images"] == {"from": 8, "to": 4}
     assert record["eot_rows"]["from"] >= 4 and record["eot_rows"]["to"] <= 3 and record["splits"] >= 4
     capsys.readouterr()
-    assert main(["report", str(split)]) == 0
+    assert main(["report", str(split), "--html", str(tmp_path / "r.html")]) == 0
     assert "cnn/noisy/pgd: out of memory, split" in capsys.readouterr().out
+    assert '<p class="muted memory-backoff">cnn/noisy/pgd: out of memory, split' in (tmp_path / "r.html").read_text()
 
 
 @pytest.mark.parametrize("rows, error, message", [(3, "value", "ValueError: simulated: 8 rows > 3"),
