@@ -196,18 +196,6 @@ def one_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text[:300]}" if text else type(exc).__name__
 
 
-def robust_accuracy(model: DefendedModel, attack: Attack, threat: ThreatModel, x: Tensor, y: Tensor,
-                    ctx_base: dict, seed_parts: tuple, repeats: int = 1, verdict: VerdictSpec | None = None) -> float:
-    """Per-image worst case over the attack's variants, each image robust if the majority of its
-    `repeats` verdicts says so, in %."""
-    indices = list(range(x.shape[0]))
-    robust = torch.ones(x.shape[0], dtype=torch.bool, device="cpu")   # bookkeeping of the CPU verdicts
-    for variant, x_adv, _, _ in run_attack(model, attack, threat, x, y, indices, ctx_base, seed_parts):
-        flags = verdicts(model, x_adv, y, indices, (*seed_parts, variant, "adv"), repeats, x.shape[0], verdict)
-        robust &= torch.tensor([f.count("1") * 2 > len(f) for f in flags], device="cpu")
-    return float(robust.float().mean() * 100)
-
-
 STRIP_IMAGES = 4   # the first images of a cell kept as purification strips for the report
 STRIP_FRAMES = 4   # asked of the defense's trajectory (input, intermediate states, purified)
 

@@ -121,7 +121,7 @@ def test_cells_need_no_tensor_on_the_implicit_device(tmp_path, plugin_manager, m
 @needs_constructor_list
 def test_checks_that_attack_again_need_no_tensor_on_the_implicit_device(tmp_path, plugin_manager, monkeypatch,
                                                                          capsys, one_thread):
-    """attack-undefended, unbounded-budget and eot-convergence (evaluate.robust_accuracy)."""
+    """attack-undefended, unbounded-budget and eot-convergence (checks.robust_flags)."""
     plain = run(tmp_path, "plain", ATTACKING_CHECKS, capsys)
     assert not [c for c in plain[1] if "could not run" in c[3]]
     with implicit_device_elsewhere(monkeypatch):
