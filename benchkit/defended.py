@@ -12,13 +12,15 @@ declares: `supported_modes` is the one place that says which modes a purifier of
 """
 from __future__ import annotations
 
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Iterator, TypeVar
 
 import torch
 from torch import Tensor, nn
 
 from benchkit.memory import Limits, in_halves
 from benchkit.noise import GLOBAL_NOISE, ImageStreams, Noise
+
+T = TypeVar("T")
 
 GRADIENT_MODES = ("exact", "adjoint", "bpda", "none")
 # Modes the host derives from a forward pass without gradient (Purifier.purify): always available.
@@ -148,11 +150,6 @@ class DefendedModel(nn.Module):
         gradient = self.gradient if self.gradient in supported_modes(purifier) else "exact"
         return self._view(purifier=purifier, gradient=gradient)
 
-    def with_limits(self, limits: Limits) -> "DefendedModel":
-        """This model remembering its out-of-memory backoff in `limits` (e.g. a cell's, kept across
-        its shards)."""
-        return self._view(limits=limits)
-
     def for_images(self, x: Tensor, seeds: list[int]) -> "DefendedModel":
         """This model with one noise stream per image of x (seeded by `seeds`), whatever rows, copies
         or subsets of x it is later called on."""
@@ -223,10 +220,13 @@ class DefendedModel(nn.Module):
             sizes.append(n % per)
         return sizes
 
-    def _chunks(self, x: Tensor, n: int, noise: Noise | None, run):
-        """(start, stop, run(start, stop)) per chunk of EOT copies start..stop-1 of n, chunked as
-        chunk_sizes, each chunk sized as it starts (after a split: the remembered size); a chunk that
-        runs out of memory runs as its two halves when its noise can be drawn again."""
+    def eot_passes(self, x: Tensor, n: int, run: Callable[[int, int], T], noise: Noise | None = None
+                   ) -> Iterator[tuple[int, int, T]]:
+        """(start, stop, run(start, stop)) per pass over EOT copies start..stop-1 of n copies of x,
+        chunked as chunk_sizes, each pass sized as it starts (after a split: the remembered size); a
+        pass that runs out of memory runs as its two halves when its noise (default: the model's) can
+        be drawn again. For an attack's own EOT loop, so that it backs off as the model's does."""
+        noise = noise or self.noise
         b = x.shape[0]
         return in_halves(run, 0, n, self._shrink(b), most=lambda: self._per_pass(b), split=self._replayable(noise))
 
@@ -243,7 +243,7 @@ class DefendedModel(nn.Module):
             k = stop - start
             return loss_fn(self._copies(x, keys, noise, start, k), y.repeat(k)).view(k, -1).sum(0)
 
-        for _, _, part in self._chunks(x, n_eff, noise, run):
+        for _, _, part in self.eot_passes(x, n_eff, run, noise):
             total = total + part
         return total / n_eff
 
@@ -288,7 +288,7 @@ class DefendedModel(nn.Module):
                 (g,) = torch.autograd.grad(loss.sum(), xk)
             return loss.detach().view(stop - start, -1).sum(0), g
 
-        for _, _, (loss, g) in self._chunks(x, n_eff, noise, run):
+        for _, _, (loss, g) in self.eot_passes(x, n_eff, run, noise):
             loss_total += loss
             grad_total += g
         return loss_total / n_eff, grad_total / n_eff
@@ -343,7 +343,7 @@ class DefendedModel(nn.Module):
             purified, logits = self._pass(x, keys, noise, start, stop - start, "none")
             return (purified if keep else None), logits.view(stop - start, x.shape[0], -1)
 
-        for start, stop, (purified, logits) in self._chunks(x, n, noise, run):
+        for start, stop, (purified, logits) in self.eot_passes(x, n, run, noise):
             yield start, stop, purified, logits
 
     @staticmethod

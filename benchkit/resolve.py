@@ -23,7 +23,7 @@ from benchkit.defended import DefendedModel, Purifier, default_gradient, support
 from benchkit.errors import BadInput
 from benchkit.memory import Limits
 from benchkit.suite import (ComponentSpec, DatasetSpec, DefenseSpec, EvalSpec, Suite, SuiteFile, coerced_booleans,
-                            key_suffix, load_suite, locate, nonfinite, parse_suite, read_suite, stable_hash)
+                            key_suffix, nonfinite, parse_suite, read_suite, stable_hash)
 from benchkit.threat import ThreatModel
 
 # The version of the way numbers are made (seeding, verification). It keys every stored cell, so

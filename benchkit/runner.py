@@ -109,9 +109,11 @@ def changed_since(store: Store, key: str, cell_id: int, config: dict) -> str | N
     return next((why for old in store.earlier_configs(key, cell_id) if (why := config_changes(old, config))), None)
 
 
-def stored_inputs(store: Store, cell_id: int) -> tuple[tuple, tuple]:
-    return (tuple(dict(r) for r in store.examples(cell_id)),
-            tuple(json.loads(s["stats_json"]) for s in store.shards(cell_id)))
+def stored_inputs(store: Store, cell_id: int) -> tuple[tuple, tuple, float]:
+    """What a cell's checks get: its example rows, per-shard attack stats and compute seconds."""
+    shards = store.shards(cell_id)
+    return (tuple(dict(r) for r in store.examples(cell_id)), tuple(json.loads(s["stats_json"]) for s in shards),
+            sum(s["seconds"] for s in shards))
 
 
 @dataclass
@@ -179,8 +181,7 @@ def _dispatch(resolved: ResolvedSuite, store: Store, executor: Executor, plans: 
 
     def submit_checks(p: Plan) -> None:
         if p.cell.kind == "attack":
-            examples, stats = stored_inputs(store, p.cell_id)
-            seconds = sum(s["seconds"] for s in store.shards(p.cell_id))
+            examples, stats, seconds = stored_inputs(store, p.cell_id)
             executor.submit(Task("checks", p.cell.key, examples=examples, shard_stats=stats, seconds=seconds),
                             urgent=True)
 

@@ -145,13 +145,14 @@ def timed(fn, device: torch.device, repeats: int) -> float:
     return best
 
 
-def build(device: torch.device, images: int):
-    """(classifier, purifier, x, y) through benchkit's registry, frozen as the host freezes them."""
+def build(device: torch.device, images: int, defense: dict | None = None):
+    """(classifier, purifier, x, y) through benchkit's registry, frozen as the host freezes them;
+    `defense`: diffpure params other than DEFENSE."""
     from benchkit import plugins, registry
 
     plugins.get_plugin_manager()
     classifier = registry.get("classifiers").get(CLASSIFIER).build({})
-    purifier = registry.get("defenses").get("diffpure").build(DEFENSE)
+    purifier = registry.get("defenses").get("diffpure").build(defense or DEFENSE)
     for m in (classifier, purifier):
         m.to(device).eval()
         for p in m.parameters():

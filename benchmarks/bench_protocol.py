@@ -44,10 +44,11 @@ import torchsde
 from torch import Tensor, nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench_attacks  # noqa: E402  the digits DiffPure as the other benchmarks build it
 from bench_purify import ReferenceRevVPSDE  # noqa: E402  the authors' RevVPSDE
 
-CLASSIFIER = "digits-cnn"
-SCORE_MODEL = "digits-unet"
+CLASSIFIER = bench_attacks.CLASSIFIER
+SCORE_MODEL = bench_attacks.DEFENSE["score_model"]
 T_END = 1e-5   # the authors integrate t' = 1 - t up to 1 - 1e-5 (the score is singular at t = 0)
 
 LEGEND = {
@@ -127,19 +128,8 @@ def counted(module: nn.Module, fn: Callable[[], Any]) -> tuple[Any, tuple[float,
 
 
 def build(device: torch.device, images: int, t_star: float, dt: float):
-    """(classifier, DiffPure, x, y) through benchkit's registry, frozen as the host freezes them."""
-    from benchkit import plugins, registry
-
-    plugins.get_plugin_manager()
-    classifier = registry.get("classifiers").get(CLASSIFIER).build({})
-    purifier = registry.get("defenses").get("diffpure").build(
-        {"score_model": SCORE_MODEL, "sampler": "vp-sde", "t_star": t_star, "dt": dt})
-    for m in (classifier, purifier):
-        m.to(device).eval()
-        for p in m.parameters():
-            p.requires_grad_(False)
-    x, y = registry.get("datasets").get("digits").build({"split": "test", "n": images}).get(range(images))
-    return classifier, purifier, x.to(device), y.to(device)
+    """(classifier, DiffPure, x, y) as bench_attacks builds them, at this t* and dt."""
+    return bench_attacks.build(device, images, bench_attacks.DEFENSE | {"t_star": t_star, "dt": dt})
 
 
 def benchkit_run(model, attack_id: str, params: dict, x: Tensor, y: Tensor, seed_parts: tuple, device):

@@ -24,7 +24,6 @@ import torch
 from pydantic import Field
 from torch import Tensor, nn
 
-from benchkit import memory
 from benchkit.attack import Attack, AttackContext, AttackResult
 from benchkit.defended import DefendedModel
 from benchkit.hookspecs import hookimpl
@@ -95,7 +94,7 @@ class BatchedEOT:
 
     On that path APGD calls criterion(x_adv, y[, y_target]) -> (logits, per-image loss, input gradient)
     eot_iter times in a row at the same x_adv and averages the gradients. The first call computes all
-    eot_iter samples in DefendedModel's EOT chunks (chunk_sizes: as many copies of the batch per pass as
+    eot_iter samples in DefendedModel's EOT passes (eot_passes: as many copies of the batch per pass as
     fit max_batch), the following calls hand them out in order. APGD's sum / eot_iter is then the mean of
     exact per-sample gradients, and the logits and loss it keeps (its last call's) are the last sample's,
     as in its sequential loop. The losses are pyautoattack's own: CE, its dlr_loss and dlr_loss_targeted.
@@ -152,11 +151,9 @@ class BatchedEOT:
                 (g,) = torch.autograd.grad(torch.stack(losses).sum(), xr)
             return [(logits[c * b:(c + 1) * b].detach(), losses[c].detach(), g[c * b:(c + 1) * b]) for c in range(k)]
 
-        # As DefendedModel's EOT passes: whole copies of the batch up to max_batch rows, a pass that runs
-        # out of memory run as its halves (the samples' noise can be drawn again), the size remembered.
-        out = [sample for _, _, part in memory.in_halves(
-            run, 0, n_eff, lambda tried, to: m.limits.shrink("eot_rows", tried * b, to * b),
-            most=lambda: max(1, m.max_batch // b), split=streams or not m.stochastic) for sample in part]
+        # DefendedModel's EOT passes: whole copies of the batch up to max_batch rows, a pass that runs out
+        # of memory run as its halves (each sample's streams can be opened again), the size remembered.
+        out = [sample for _, _, part in m.eot_passes(x, n_eff, run) for sample in part]
         return out if n_eff == n else out * n
 
 
